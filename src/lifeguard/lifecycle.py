@@ -1,0 +1,265 @@
+"""The only module that listens to Celery's signals: it turns them into worker phases.
+
+=====================================  ==========================================
+Celery signal                          phase (see :mod:`lifeguard.hooks`)
+=====================================  ==========================================
+``worker_init`` (MainProcess)          ``on_worker_start``; for pools that don't
+                                       fork, also ``on_process_start``
+``worker_process_init`` (prefork       ``on_process_start(forked=True)``
+child)
+``task_prerun``                        ``before_task``
+``task_failure`` / ``task_retry``      remembered for the outcome
+``task_postrun``                       ``after_task(outcome)``
+``worker_process_shutdown``            ``on_process_stop`` (prefork child)
+``worker_shutdown`` (MainProcess)      ``on_process_stop`` (pools that don't fork),
+                                       then ``on_worker_stop``
+``worker_ready`` (MainProcess)         log what ``on_worker_start`` announced
+=====================================  ==========================================
+
+Eager tasks (``task.apply()``, ``task_always_eager``) are left alone, as Celery's own
+Django fixup does. Hooks run in registration order on the way in and in reverse order
+on the way out. An exception from a hook is logged and counted, never raised into the
+task: lifeguard must not make a task fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from . import stats
+from .errors import ConfigurationError
+from .hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
+
+if TYPE_CHECKING:
+    from .guard import Lifeguard
+
+logger = logging.getLogger("lifeguard")
+
+
+class WorkerStartupError(SystemExit):
+    """Stops ``celery worker`` at start with lifeguard's message (exit status 78, EX_CONFIG).
+
+    Celery swallows ordinary exceptions raised by signal receivers, so a configuration
+    error found at worker start has to leave as a ``SystemExit``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(78)
+        self.message = message
+
+
+def _unwrap(app: Any) -> Any:
+    getter = getattr(app, "_get_current_object", None)
+    return getter() if getter is not None else app
+
+
+class Lifecycle:
+    """Connects one :class:`~lifeguard.guard.Lifeguard` to Celery's signals."""
+
+    def __init__(self, guard: Lifeguard) -> None:
+        self.guard = guard
+        self.worker: WorkerInfo | None = None
+        self._process_pid: int | None = None
+        self._local = threading.local()
+        self._runs: dict[int, TaskRun] = {}
+        self._runs_lock = threading.Lock()
+        self._uid = f"lifeguard-{id(guard)}"
+        self._announcements: list[tuple[logging.Logger, int, str, tuple[Any, ...]]] | None = []
+
+    # --- wiring --------------------------------------------------------------------
+
+    _RECEIVERS = (
+        ("worker_init", "_on_worker_init"),
+        ("worker_process_init", "_on_worker_process_init"),
+        ("task_prerun", "_on_task_prerun"),
+        ("task_failure", "_on_task_failure"),
+        ("task_retry", "_on_task_retry"),
+        ("task_postrun", "_on_task_postrun"),
+        ("worker_process_shutdown", "_on_worker_process_shutdown"),
+        ("worker_shutdown", "_on_worker_shutdown"),
+        ("worker_ready", "_on_worker_ready"),
+    )
+
+    def connect(self) -> None:
+        for signal_name, method in self._RECEIVERS:
+            getattr(signals, signal_name).connect(
+                getattr(self, method), weak=False, dispatch_uid=(self._uid, signal_name)
+            )
+
+    def disconnect(self) -> None:
+        for signal_name, method in self._RECEIVERS:
+            getattr(signals, signal_name).disconnect(
+                getattr(self, method), dispatch_uid=(self._uid, signal_name)
+            )
+
+    # --- where we are ----------------------------------------------------------------
+
+    @property
+    def in_task_process(self) -> bool:
+        """True in a process where ``on_process_start`` ran (and ``on_process_stop`` not yet)."""
+        return self._process_pid == os.getpid()
+
+    def current_unit(self) -> Any:
+        """The thread, or under gevent/eventlet the greenlet, running this code."""
+        if self.worker is not None and self.worker.pool.green:
+            import greenlet
+
+            return greenlet.getcurrent()
+        return threading.current_thread()
+
+    @staticmethod
+    def unit_alive(unit: Any) -> bool:
+        if hasattr(unit, "dead"):  # a greenlet
+            return not unit.dead
+        return bool(unit.is_alive())
+
+    def current_run(self) -> TaskRun | None:
+        """The task running in this thread or greenlet, if any."""
+        return getattr(self._local, "run", None)
+
+    def active_runs(self) -> list[TaskRun]:
+        """Every task running in this process now (several under threads/gevent)."""
+        with self._runs_lock:
+            return list(self._runs.values())
+
+    def announce(self, log: logging.Logger, level: int, message: str, *args: Any) -> None:
+        """Log a worker-start message once Celery's logging is set up.
+
+        ``worker_init`` comes before Celery configures logging, so messages from
+        ``on_worker_start`` are held until the worker is ready.
+        """
+        if self._announcements is None:
+            log.log(level, message, *args)
+        else:
+            self._announcements.append((log, level, message, args))
+
+    # --- phases ----------------------------------------------------------------------
+
+    def _call(self, hook: Hook, phase: str, *args: Any) -> None:
+        try:
+            getattr(hook, phase)(*args)
+        except ConfigurationError:
+            raise
+        except Exception:
+            logger.exception("lifeguard: %s.%s failed; the task is not affected", hook.name, phase)
+            self.guard.counters.incr(stats.HOOK_ERRORS, reason=f"{hook.name}.{phase}")
+
+    def _start_worker(self, worker: WorkerInfo) -> None:
+        self.worker = worker
+        try:
+            self.guard.configure()
+            for hook in self.guard.hooks:
+                hook.on_worker_start(worker)
+        except ConfigurationError as exc:
+            logger.critical("lifeguard: %s", exc)
+            raise WorkerStartupError(str(exc)) from exc
+        if not worker.pool.forks:
+            self._start_process(forked=False)
+
+    def _start_process(self, forked: bool) -> None:
+        assert self.worker is not None
+        pid = os.getpid()
+        if self._process_pid == pid:
+            return
+        self._process_pid = pid
+        self._local = threading.local()
+        with self._runs_lock:
+            self._runs.clear()
+        if forked:
+            self.guard.counters.reset()
+        for hook in self.guard.hooks:
+            self._call(hook, "on_process_start", self.worker, forked)
+
+    def _stop_process(self) -> None:
+        if not self.in_task_process or self.worker is None:
+            return
+        for hook in reversed(self.guard.hooks):
+            self._call(hook, "on_process_stop", self.worker)
+        self._process_pid = None
+
+    # --- receivers -------------------------------------------------------------------
+
+    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        if sender is None or _unwrap(getattr(sender, "app", None)) is not _unwrap(self.guard.app):
+            return
+        concurrency = getattr(sender, "concurrency", None)
+        worker = WorkerInfo(
+            hostname=str(getattr(sender, "hostname", "") or ""),
+            pool=PoolKind.from_pool_cls(getattr(sender, "pool_cls", "")),
+            concurrency=concurrency if isinstance(concurrency, int) else None,
+            main_pid=os.getpid(),
+        )
+        self._start_worker(worker)
+
+    def _on_worker_process_init(self, sender: Any = None, **_: Any) -> None:
+        if self.worker is None:
+            return  # not a worker of our app
+        self._start_process(forked=os.getpid() != self.worker.main_pid)
+
+    def _on_task_prerun(self, sender: Any = None, task_id: str = "", **_: Any) -> None:
+        if self.worker is None or sender is None:
+            return
+        if getattr(sender.request, "is_eager", False):
+            return
+        if not self.in_task_process:
+            # A pool that forked without telling us (no worker_process_init).
+            self._start_process(forked=os.getpid() != self.worker.main_pid)
+        unit = self.current_unit()
+        run = TaskRun(id=task_id, name=sender.name, unit=unit)
+        self._local.run = run
+        with self._runs_lock:
+            self._runs[id(unit)] = run
+        self.guard.counters.incr(stats.TASKS, task=run.name)
+        for hook in self.guard.hooks:
+            self._call(hook, "before_task", run)
+
+    def _on_task_failure(
+        self,
+        sender: Any = None,
+        task_id: str = "",
+        exception: BaseException | None = None,
+        **_: Any,
+    ) -> None:
+        run = self.current_run()
+        if run is not None and run.id == task_id:
+            run.exception = exception
+
+    def _on_task_retry(self, sender: Any = None, reason: Any = None, **_: Any) -> None:
+        run = self.current_run()
+        if run is not None:
+            run.exception = getattr(reason, "exc", None) or reason
+
+    def _on_task_postrun(
+        self, sender: Any = None, task_id: str = "", state: str | None = None, **_: Any
+    ) -> None:
+        run = self.current_run()
+        if run is None or run.id != task_id:
+            return
+        outcome = TaskOutcome(state=state, exception=run.exception)
+        try:
+            for hook in reversed(self.guard.hooks):
+                self._call(hook, "after_task", run, outcome)
+        finally:
+            self._local.run = None
+            with self._runs_lock:
+                self._runs.pop(id(run.unit), None)
+
+    def _on_worker_ready(self, **_: Any) -> None:
+        pending, self._announcements = self._announcements or [], None
+        for log, level, message, args in pending:
+            log.log(level, message, *args)
+
+    def _on_worker_process_shutdown(self, **_: Any) -> None:
+        self._stop_process()
+
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if self.worker is None or not self.worker.is_main_process:
+            return
+        self._stop_process()
+        for hook in reversed(self.guard.hooks):
+            self._call(hook, "on_worker_stop", self.worker)

@@ -1,0 +1,142 @@
+"""Tasks of the sandbox: one-query tasks, and each fault lifeguard must survive."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from celery import shared_task
+from django.db import connection, transaction
+
+TABLE = "lifeguard_sandbox_items"
+
+
+def _backend() -> dict[str, Any]:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT pg_backend_pid(), backend_start::text FROM pg_stat_activity "
+            "WHERE pid = pg_backend_pid()"
+        )
+        pid, started = cur.fetchone()
+    return {
+        "backend": pid,
+        "backend_start": started,
+        "worker_pid": os.getpid(),
+        "thread": threading.get_ident(),
+    }
+
+
+@shared_task
+def touch() -> dict[str, Any]:
+    """One query; says which server session and which worker process served it."""
+    return _backend()
+
+
+@shared_task
+def one_query() -> int:
+    """The benchmark's task: a single cheap query."""
+    with connection.cursor() as cur:
+        cur.execute("SELECT 1")
+        return int(cur.fetchone()[0])
+
+
+@shared_task
+def noop() -> None:
+    """No database at all: the throughput ceiling."""
+
+
+@shared_task
+def sleep_query(seconds: float) -> None:
+    """A long query; called with a soft_time_limit shorter than it to interrupt it."""
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_sleep(%s)", [seconds])
+
+
+@shared_task
+def sleep_query_in_atomic(seconds: float) -> None:
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(f"INSERT INTO {TABLE} (value) VALUES ('atomic-interrupted')")
+        cur.execute("SELECT pg_sleep(%s)", [seconds])
+
+
+@shared_task
+def fail_in_atomic(value: str) -> None:
+    """Writes inside atomic(), then fails: Django rolls back, nothing may remain."""
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            cur.execute(f"INSERT INTO {TABLE} (value) VALUES (%s)", [value])
+        raise ValueError("task failed inside atomic()")
+
+
+@shared_task
+def leave_transaction_open(value: str) -> dict[str, Any]:
+    """A raw BEGIN never committed: the connection ends the task idle in transaction."""
+    info = _backend()
+    with connection.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute(f"INSERT INTO {TABLE} (value) VALUES (%s)", [value])
+    return info
+
+
+@shared_task
+def count_items(value: str) -> int:
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {TABLE} WHERE value = %s", [value])
+        return int(cur.fetchone()[0])
+
+
+@shared_task
+def hold(seconds: float) -> dict[str, Any]:
+    """One query, then keep the connection while doing slow I/O."""
+    info = _backend()
+    time.sleep(seconds)
+    return info
+
+
+@shared_task
+def query_in_thread() -> dict[str, Any]:
+    """Starts a thread that queries and ends without closing its connection."""
+    found: dict[str, Any] = {}
+
+    def work() -> None:
+        found.update(_backend())
+
+    thread = threading.Thread(target=work, name="sandbox-helper")
+    thread.start()
+    thread.join()
+    return found
+
+
+@shared_task
+def query_in_greenlet() -> dict[str, Any]:
+    """Under gevent: a spawned greenlet queries and ends without closing."""
+    import gevent
+
+    found: dict[str, Any] = {}
+    gevent.spawn(lambda: found.update(_backend())).join()
+    return found
+
+
+@shared_task
+def guard_stats() -> dict[str, Any] | None:
+    """lifeguard's counters of the process that runs this task."""
+    import lifeguard
+
+    guard = lifeguard.current_guard()
+    return guard.stats() if guard is not None else None
+
+
+@shared_task
+def application_name() -> str:
+    with connection.cursor() as cur:
+        cur.execute("SHOW application_name")
+        return str(cur.fetchone()[0])
+
+
+@shared_task
+def driver() -> str:
+    """The DB-API module behind Django's connection (psycopg or psycopg2)."""
+    connection.ensure_connection()
+    return type(connection.connection).__module__.split(".")[0]

@@ -1,0 +1,169 @@
+"""Real ``celery worker`` processes, started and stopped the way an operator would."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+
+class WorkerFailedToStart(RuntimeError):
+    pass
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (the prefork pool's workers)."""
+    found: list[int] = []
+    task_dir = Path(f"/proc/{pid}/task")
+    with contextlib.suppress(OSError):
+        for task in task_dir.iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(p) for p in (task / "children").read_text().split()]
+    return sorted(set(found))
+
+
+class CeleryWorker:
+    """``celery -A <app> worker`` in a subprocess of its own session, logging to a file."""
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        queue: str = "celery",
+        hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        cwd: str | os.PathLike[str] | None = None,
+        loglevel: str = "INFO",
+        python: str = sys.executable,
+    ) -> None:
+        self.app = app
+        self.pool = pool
+        self.concurrency = concurrency
+        self.queue = queue
+        self.hostname = hostname or f"{queue}@%h"
+        self.env = dict(os.environ, **(env or {}))
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.args = list(args)
+        self.cwd = cwd
+        self.loglevel = loglevel
+        self.python = python
+        fd, name = tempfile.mkstemp(prefix=f"worker-{queue}-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(name)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            "celery",
+            "-A",
+            self.app,
+            "worker",
+            "-P",
+            self.pool,
+            "-c",
+            str(self.concurrency),
+            "-Q",
+            self.queue,
+            "-n",
+            self.hostname,
+            f"--loglevel={self.loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            *self.args,
+        ]
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "worker not started"
+        return self.process.pid
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        return child_pids(self.pid)
+
+    def start(self, timeout: float = 60.0, wait_children: bool = True) -> CeleryWorker:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while " ready." not in self.log:
+            if self.process.poll() is not None:
+                self.returncode = self.process.returncode
+                raise WorkerFailedToStart(
+                    f"worker exited with status {self.returncode}:\n{self.log[-4000:]}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise WorkerFailedToStart(f"worker not ready after {timeout}s:\n{self.log[-4000:]}")
+            time.sleep(0.05)
+        if wait_children and self.pool == "prefork":
+            while len(self.children()) < self.concurrency and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return self
+
+    def run_to_exit(self, timeout: float = 60.0) -> int:
+        """Start a worker that is expected to exit by itself (a startup error)."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            self.returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        return self.returncode
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Warm shutdown (SIGTERM): running tasks finish, children exit, then the worker."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.returncode = self.process.wait(10)
+
+    def __enter__(self) -> CeleryWorker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

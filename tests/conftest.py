@@ -1,0 +1,132 @@
+"""Real services for every scenario: PostgreSQL, Redis, and celery worker processes.
+
+Servers come from LIFEGUARD_TEST_DATABASE_URL / LIFEGUARD_TEST_BROKER_URL when set,
+else the local ones when they answer, else embedded ones started for the session
+(see lifeguard.sandbox). Each session works in a database of its own, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from celery import Celery
+
+from lifeguard.sandbox.postgres import PostgresServer, find_postgres
+from lifeguard.sandbox.redis import find_redis
+from lifeguard.sandbox.worker import CeleryWorker
+
+from .support import Database, SandboxTasks
+
+SANDBOX_APP = "lifeguard.sandbox.django_project.celery_app"
+
+
+@pytest.fixture(scope="session")
+def pg() -> PostgresServer:
+    return find_postgres()
+
+
+@pytest.fixture(scope="session")
+def test_db(pg: PostgresServer) -> Iterator[Database]:
+    name = f"lifeguard_t_{uuid.uuid4().hex[:8]}"
+    pg.create_database(name)
+    db = Database(pg, name)
+    db.execute(
+        "CREATE TABLE lifeguard_sandbox_items (id serial PRIMARY KEY, value text NOT NULL)"
+    )
+    yield db
+    pg.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return find_redis()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A unique application_name prefix: this test's worker backends and nobody else's."""
+    return f"lgt{uuid.uuid4().hex[:8]}"
+
+
+WorkerFactory = Callable[..., CeleryWorker]
+
+
+@pytest.fixture
+def sandbox_worker(
+    test_db: Database, redis_url: str, prefix: str, request: pytest.FixtureRequest
+) -> Iterator[WorkerFactory]:
+    """Start sandbox workers; every one is stopped at the end of the test.
+
+    After the stop, no backend of the test's prefix may remain: a worker that shuts
+    down leaves zero sessions behind, in every scenario.
+    """
+    started: list[CeleryWorker] = []
+    queue = f"q-{prefix}"
+
+    def start(
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        mode: str = "lifeguard",
+        conn_max_age: str = "600",
+        db_url: str | None = None,
+        driver: str = "psycopg",
+        native_pool: str = "",
+        options: str = "{}",
+        args: tuple[str, ...] = (),
+        start: bool = True,
+    ) -> CeleryWorker:
+        worker = CeleryWorker(
+            SANDBOX_APP,
+            pool=pool,
+            concurrency=concurrency,
+            queue=queue,
+            env={
+                "LIFEGUARD_SANDBOX_DB_URL": db_url or test_db.url,
+                "LIFEGUARD_SANDBOX_BROKER_URL": f"{redis_url}/14",
+                "LIFEGUARD_SANDBOX_QUEUE": queue,
+                "LIFEGUARD_SANDBOX_MODE": mode,
+                "LIFEGUARD_SANDBOX_PREFIX": prefix,
+                "LIFEGUARD_SANDBOX_CONN_MAX_AGE": conn_max_age,
+                "LIFEGUARD_SANDBOX_DRIVER": driver,
+                "LIFEGUARD_SANDBOX_POOL": native_pool,
+                "LIFEGUARD_SANDBOX_OPTIONS": options,
+            },
+            args=args,
+        )
+        started.append(worker)
+        if start:
+            worker.start()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+    failed = getattr(request.node, "rep_call", None)
+    for worker in started:
+        if failed is not None and failed.failed:
+            print(f"--- log of {worker.hostname} ---\n{worker.log[-6000:]}")
+    if started:
+        left = test_db.wait_for_no_backends(prefix)
+        assert left == [], f"sessions left behind after worker shutdown: {left}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def celery_client(redis_url: str) -> Celery:
+    """A plain Celery client: sends tasks by name, reads results. No Django here."""
+    return Celery("lifeguard-tests", broker=f"{redis_url}/14", backend=f"{redis_url}/14")
+
+
+@pytest.fixture
+def tasks(celery_client: Celery, prefix: str) -> SandboxTasks:
+    return SandboxTasks(celery_client, queue=f"q-{prefix}")

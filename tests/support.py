@@ -1,0 +1,103 @@
+"""What the database itself reports, for the scenarios' assertions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lifeguard.sandbox.postgres import PostgresServer
+
+
+@dataclass
+class Backend:
+    pid: int
+    application_name: str
+    state: str | None
+    query: str | None
+    xact_age: float | None
+
+
+class Database:
+    """One test database on a real server, seen through pg_stat_activity/pg_stat_database."""
+
+    def __init__(self, server: PostgresServer, name: str) -> None:
+        self.server = server
+        self.name = name
+
+    @property
+    def url(self) -> str:
+        return self.server.url(self.name)
+
+    def execute(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(**self.server.connect_kwargs(self.name), autocommit=True) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def admin(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        with self.server.admin() as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def backends(self, prefix: str) -> list[Backend]:
+        rows = self.admin(
+            "SELECT pid, application_name, state, query, "
+            "extract(epoch FROM now() - xact_start)::float "
+            "FROM pg_stat_activity WHERE datname = %s AND application_name LIKE %s",
+            [self.name, prefix + ":%"],
+        )
+        return [Backend(*row) for row in rows]
+
+    def wait_for_no_backends(self, prefix: str, timeout: float = 10.0) -> list[Backend]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.backends(prefix)
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
+    def sessions(self) -> int:
+        """pg_stat_database.sessions of this database (flushed when sessions end)."""
+        with self.server.admin() as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = %s", [self.name]
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def terminate(self, prefix: str) -> int:
+        rows = self.admin(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name LIKE %s",
+            [self.name, prefix + ":%"],
+        )
+        return int(rows[0][0])
+
+
+TASKS = "lifeguard.sandbox.django_project.tasks"
+
+
+class SandboxTasks:
+    """Sends the sandbox's tasks to one test's queue and collects what they return."""
+
+    def __init__(self, app: Any, queue: str) -> None:
+        self.app = app
+        self.queue = queue
+
+    def send(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.app.send_task(f"{TASKS}.{name}", args=args, queue=self.queue, **options)
+
+    def run(self, name: str, *args: Any, timeout: float = 60, **options: Any) -> Any:
+        return self.send(name, *args, **options).get(timeout=timeout)
+
+    def run_many(self, name: str, n: int, *args: Any, timeout: float = 180) -> list[Any]:
+        results = [self.send(name, *args) for _ in range(n)]
+        return [result.get(timeout=timeout) for result in results]
+
+    def outcome(self, name: str, *args: Any, timeout: float = 60, **options: Any) -> Any:
+        """The task's state and result (or exception), without raising."""
+        result = self.send(name, *args, **options)
+        result.get(timeout=timeout, propagate=False)
+        return result.state, result.result
