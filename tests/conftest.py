@@ -7,7 +7,6 @@ else the local ones when they answer, else embedded ones started for the session
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -33,9 +32,7 @@ def test_db(pg: PostgresServer) -> Iterator[Database]:
     name = f"lifeguard_t_{uuid.uuid4().hex[:8]}"
     pg.create_database(name)
     db = Database(pg, name)
-    db.execute(
-        "CREATE TABLE lifeguard_sandbox_items (id serial PRIMARY KEY, value text NOT NULL)"
-    )
+    db.execute("CREATE TABLE lifeguard_sandbox_items (id serial PRIMARY KEY, value text NOT NULL)")
     yield db
     pg.drop_database(name)
 

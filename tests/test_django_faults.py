@@ -36,7 +36,9 @@ def wait_until_no_sleep(db: Database, timeout: float = 5.0) -> list[tuple]:
 
 @pytest.mark.compat
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
-def test_soft_time_limit_mid_query(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix, driver):
+def test_soft_time_limit_mid_query(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix, driver
+):
     sandbox_worker(pool="prefork", concurrency=1, driver=driver)
     assert tasks.run("driver") == driver
     tasks.run_many("touch", 3)
@@ -56,9 +58,11 @@ def test_soft_time_limit_mid_query(sandbox_worker, tasks: SandboxTasks, test_db:
 
 
 @pytest.mark.compat
-def test_soft_time_limit_inside_atomic(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_soft_time_limit_inside_atomic(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     sandbox_worker(pool="prefork", concurrency=1)
-    state, result = tasks.outcome("sleep_query_in_atomic", 4, soft_time_limit=1)
+    _state, result = tasks.outcome("sleep_query_in_atomic", 4, soft_time_limit=1)
 
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
     assert tasks.run_many("touch", 3)
@@ -105,7 +109,9 @@ def test_raw_begin_left_open(sandbox_worker, tasks: SandboxTasks, test_db: Datab
 
 
 @pytest.mark.compat
-def test_terminated_idle_connections(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_terminated_idle_connections(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     sandbox_worker(pool="prefork", concurrency=2)
     before = {r["backend"] for r in tasks.run_many("touch", 10)}
 
@@ -135,7 +141,9 @@ def test_idle_session_timeout(sandbox_worker, tasks: SandboxTasks, test_db: Data
         test_db.admin(f'ALTER ROLE "{role}" RESET idle_session_timeout')
 
 
-def test_task_that_changes_nothing_keeps_its_session_for_max_age(sandbox_worker, tasks: SandboxTasks):
+def test_task_that_changes_nothing_keeps_its_session_for_max_age(
+    sandbox_worker, tasks: SandboxTasks
+):
     sandbox_worker(pool="prefork", concurrency=1, conn_max_age="1")
     first = tasks.run("touch")
     same = tasks.run("touch")
@@ -145,7 +153,9 @@ def test_task_that_changes_nothing_keeps_its_session_for_max_age(sandbox_worker,
     assert later["backend"] != first["backend"]
 
 
-def test_conn_max_age_zero_closes_after_each_task(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_conn_max_age_zero_closes_after_each_task(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     sandbox_worker(pool="prefork", concurrency=1, conn_max_age="0")
     results = tasks.run_many("touch", 5)
     assert len({r["backend"] for r in results}) == 5

@@ -13,7 +13,9 @@ from .support import Database, SandboxTasks
 
 
 @pytest.mark.compat
-def test_backends_are_named_after_their_worker_process(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_backends_are_named_after_their_worker_process(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     worker = sandbox_worker(pool="prefork", concurrency=2)
     results = tasks.run_many("touch", 20)
     host = socket.gethostname()
@@ -24,7 +26,9 @@ def test_backends_are_named_after_their_worker_process(sandbox_worker, tasks: Sa
     assert f"{prefix}:{host}:{worker.pid}" not in names
 
 
-def test_connection_leaked_by_a_thread_is_closed(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_connection_leaked_by_a_thread_is_closed(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     worker = sandbox_worker(pool="prefork", concurrency=1)
     own = tasks.run("touch")
     leaked = tasks.run("query_in_thread")
@@ -34,11 +38,18 @@ def test_connection_leaked_by_a_thread_is_closed(sandbox_worker, tasks: SandboxT
     assert leaked["backend"] not in pids
     assert own["backend"] in pids
     stats = tasks.run("guard_stats")
-    assert stats["tasks"]["lifeguard.sandbox.django_project.tasks.query_in_thread"]["leaks_found"] == 1
-    assert "query_in_thread leaked a default connection opened by thread 'sandbox-helper'" in worker.log
+    assert (
+        stats["tasks"]["lifeguard.sandbox.django_project.tasks.query_in_thread"]["leaks_found"] == 1
+    )
+    assert (
+        "query_in_thread leaked a default connection opened by thread 'sandbox-helper'"
+        in worker.log
+    )
 
 
-def test_connection_leaked_by_a_greenlet_is_closed(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_connection_leaked_by_a_greenlet_is_closed(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     worker = sandbox_worker(pool="gevent", concurrency=5)
     leaked = tasks.run("query_in_greenlet")
     time.sleep(0.2)
@@ -58,12 +69,16 @@ def test_postgres_restart_during_a_run(sandbox_worker, tasks: SandboxTasks, pref
         after = tasks.run_many("touch", 10)
         assert {r["backend"] for r in after}.isdisjoint({r["backend"] for r in before})
         stats = [tasks.run("guard_stats") for _ in range(3)]
-        assert any(s["process"].get("connections_discarded", {}).get("server_closed") for s in stats)
+        assert any(
+            s["process"].get("connections_discarded", {}).get("server_closed") for s in stats
+        )
     finally:
         embedded.destroy()
 
 
-def test_password_never_reaches_the_log(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_password_never_reaches_the_log(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     role = f"{prefix}_pw"
     secret = "s3cret-Pa55word-xyz"
     test_db.server.ensure_role(role, secret)

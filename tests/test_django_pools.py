@@ -29,7 +29,9 @@ def test_stock_celery_opens_a_session_per_task(sandbox_worker, tasks: SandboxTas
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
-def test_threads_and_solo_reuse(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix, pool):
+def test_threads_and_solo_reuse(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix, pool
+):
     concurrency = 4 if pool == "threads" else 1
     sandbox_worker(pool=pool, concurrency=concurrency)
     results = tasks.run_many("touch", 40)
@@ -43,7 +45,9 @@ def test_threads_and_solo_reuse(sandbox_worker, tasks: SandboxTasks, test_db: Da
     assert all(len(threads) == 1 for threads in by_session.values())
 
 
-def test_gevent_50_greenlets_never_exceed_concurrency(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_gevent_50_greenlets_never_exceed_concurrency(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     sandbox_worker(pool="gevent", concurrency=50, conn_max_age="600")
     stop, peak = threading.Event(), [0]
     sampler = threading.Thread(target=peak_backends, args=(test_db, prefix, stop, peak))
@@ -60,10 +64,12 @@ def test_gevent_50_greenlets_never_exceed_concurrency(sandbox_worker, tasks: San
     assert test_db.wait_for_no_backends(prefix, timeout=3) == []
 
 
-def test_gevent_soft_cleanup_after_hard_time_limit(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_gevent_soft_cleanup_after_hard_time_limit(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     """gevent's time limit is a gevent.Timeout raised mid-query: cancel, discard, go on."""
     sandbox_worker(pool="gevent", concurrency=5)
-    state, result = tasks.outcome("sleep_query", 4, time_limit=1)
+    state, _result = tasks.outcome("sleep_query", 4, time_limit=1)
     assert state == "FAILURE"
     assert tasks.run_many("touch", 5)
     rows = test_db.admin(
@@ -77,8 +83,12 @@ def test_gevent_soft_cleanup_after_hard_time_limit(sandbox_worker, tasks: Sandbo
 NATIVE_POOL = '{"min_size": 1, "max_size": 2}'
 
 
-def test_native_pool_under_prefork_is_kept_across_tasks(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
-    worker = sandbox_worker(pool="prefork", concurrency=2, conn_max_age="0", native_pool=NATIVE_POOL)
+def test_native_pool_under_prefork_is_kept_across_tasks(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    worker = sandbox_worker(
+        pool="prefork", concurrency=2, conn_max_age="0", native_pool=NATIVE_POOL
+    )
     before = test_db.sessions()
     results = tasks.run_many("touch", 60)
     sessions = {(r["backend"], r["backend_start"]) for r in results}
@@ -90,15 +100,19 @@ def test_native_pool_under_prefork_is_kept_across_tasks(sandbox_worker, tasks: S
 
 @pytest.mark.skipif(CELERY_VERSION < (5, 6), reason="the per-task pool rebuild is Celery 5.6+")
 def test_stock_celery_rebuilds_the_native_pool_per_task(sandbox_worker, tasks: SandboxTasks):
-    sandbox_worker(pool="prefork", concurrency=2, conn_max_age="0", native_pool=NATIVE_POOL, mode="stock")
+    sandbox_worker(
+        pool="prefork", concurrency=2, conn_max_age="0", native_pool=NATIVE_POOL, mode="stock"
+    )
     results = tasks.run_many("touch", 20)
     assert len({(r["backend"], r["backend_start"]) for r in results}) >= 15
 
 
-def test_native_pool_discards_an_interrupted_connection(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_native_pool_discards_an_interrupted_connection(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     sandbox_worker(pool="prefork", concurrency=1, conn_max_age="0", native_pool=NATIVE_POOL)
     tasks.run("touch")
-    state, result = tasks.outcome("sleep_query", 4, soft_time_limit=1)
+    _state, result = tasks.outcome("sleep_query", 4, soft_time_limit=1)
     assert type(result).__name__ == "SoftTimeLimitExceeded"
     assert tasks.run_many("touch", 5)
     rows = test_db.admin(
@@ -109,7 +123,9 @@ def test_native_pool_discards_an_interrupted_connection(sandbox_worker, tasks: S
     assert rows == []
 
 
-def test_native_pool_replaces_terminated_connections(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
+def test_native_pool_replaces_terminated_connections(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
     sandbox_worker(pool="prefork", concurrency=1, conn_max_age="0", native_pool=NATIVE_POOL)
     tasks.run_many("touch", 3)
     assert test_db.terminate(prefix) >= 1
@@ -118,6 +134,11 @@ def test_native_pool_replaces_terminated_connections(sandbox_worker, tasks: Sand
 
 
 def test_native_pool_with_threads(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
-    sandbox_worker(pool="threads", concurrency=4, conn_max_age="0", native_pool='{"min_size": 1, "max_size": 4}')
+    sandbox_worker(
+        pool="threads",
+        concurrency=4,
+        conn_max_age="0",
+        native_pool='{"min_size": 1, "max_size": 4}',
+    )
     results = tasks.run_many("touch", 40)
     assert len({(r["backend"], r["backend_start"]) for r in results}) <= 4

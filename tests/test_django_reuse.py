@@ -11,7 +11,9 @@ CELERY_56_PLUS = tuple(int(x) for x in celery.__version__.split(".")[:2]) >= (5,
 
 
 @pytest.mark.compat
-def test_prefork_reuses_one_session_per_child(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix: str):
+def test_prefork_reuses_one_session_per_child(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix: str
+):
     worker = sandbox_worker(pool="prefork", concurrency=2)
     sessions_before = test_db.sessions()
     results = tasks.run_many("touch", 60)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import glob
 import importlib.util
 import os
@@ -159,20 +160,11 @@ def _local_server() -> PostgresServer | None:
     return server
 
 
-_found: PostgresServer | None = None
-
-
+@functools.cache
 def find_postgres() -> PostgresServer:
     """A PostgreSQL to use: from the environment, local, or embedded (started once)."""
-    global _found
-    if _found is not None:
-        return _found
     url = os.environ.get(ENV_URL)
-    if url:
-        _found = server_from_url(url)
-    else:
-        _found = _local_server() or EmbeddedPostgres().start()
-    return _found
+    return server_from_url(url) if url else _local_server() or EmbeddedPostgres().start()
 
 
 # --- an embedded server ---------------------------------------------------------------
@@ -359,7 +351,9 @@ class EmbeddedPostgres:
         pg_config = self.bin / "pg_config"
         if not pg_config.exists():
             return False
-        out = subprocess.run([str(pg_config), "--configure"], capture_output=True, text=True)
+        out = subprocess.run(
+            [str(pg_config), "--configure"], check=False, capture_output=True, text=True
+        )
         return "--with-openssl" in out.stdout or "--with-ssl=openssl" in out.stdout
 
     def _start_server(self) -> None:

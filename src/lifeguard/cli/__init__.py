@@ -1,0 +1,36 @@
+"""The ``lifeguard`` command. Each subcommand lives in a module of its own."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from .. import __version__
+
+# name -> "module:attribute" of a click command, imported only when it runs.
+COMMANDS: dict[str, str] = {
+    "demo": "lifeguard.cli.demo:demo",
+}
+
+
+class _LazyGroup(click.Group):
+    """Imports a subcommand's module only when that subcommand is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attribute = target.partition(":")
+        command: Any = getattr(importlib.import_module(module), attribute)
+        return command  # type: ignore[no-any-return]
+
+
+@click.group(cls=_LazyGroup)
+@click.version_option(__version__, prog_name="lifeguard")
+def main() -> None:
+    """Healthy database connections and memory for Celery workers."""
