@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import time
 
+import celery
 import pytest
 
 from .support import Database, SandboxTasks
+
+CELERY_56_PLUS = tuple(int(x) for x in celery.__version__.split(".")[:2]) >= (5, 6)
 
 
 def assert_clean(db: Database, prefix: str, concurrency: int) -> None:
@@ -71,13 +74,21 @@ def test_soft_time_limit_inside_atomic(
     assert_clean(test_db, prefix, 1)
 
 
-def test_blind_reuse_fails_after_a_soft_time_limit(sandbox_worker, tasks: SandboxTasks):
-    """The failure lifeguard prevents, reproduced with Celery's CELERY_DB_REUSE_MAX."""
-    sandbox_worker(pool="prefork", concurrency=1, mode="reuse_max")
+@pytest.mark.compat
+@pytest.mark.parametrize("mode", ["reuse_max", "stock"])
+def test_stock_reuse_fails_after_a_soft_time_limit(sandbox_worker, tasks: SandboxTasks, mode):
+    """The failure lifeguard prevents: Celery's CELERY_DB_REUSE_MAX, and the stock fixup of
+    Celery 5.5 and older (close_if_unusable_or_obsolete, Django ticket #30646)."""
+    if mode == "stock" and CELERY_56_PLUS:
+        pytest.skip("Celery 5.6+ closes every connection after every task instead")
+    sandbox_worker(pool="prefork", concurrency=1, mode=mode)
     tasks.run("touch")
     tasks.outcome("sleep_query", 3, soft_time_limit=1)
     states = [tasks.outcome("touch")[0] for _ in range(3)]
-    assert states == ["FAILURE"] * 3
+    # The next task on that process fails; blind reuse never recovers, Celery 5.5's
+    # close_if_unusable_or_obsolete() drops the connection only after that failure.
+    expected = ["FAILURE"] * 3 if mode == "reuse_max" else ["FAILURE", "SUCCESS", "SUCCESS"]
+    assert states == expected
 
 
 @pytest.mark.compat
@@ -95,8 +106,11 @@ def test_exception_inside_atomic(sandbox_worker, tasks: SandboxTasks, test_db: D
 
 
 @pytest.mark.compat
-def test_raw_begin_left_open(sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix):
-    sandbox_worker(pool="prefork", concurrency=1)
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_raw_begin_left_open(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix, driver
+):
+    sandbox_worker(pool="prefork", concurrency=1, driver=driver)
     leaked = tasks.run("leave_transaction_open", "never-committed")
 
     assert_clean(test_db, prefix, 1)

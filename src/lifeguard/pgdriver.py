@@ -55,6 +55,7 @@ class DriverAdapter(Protocol):
     def fileno(self, conn: Any) -> int: ...
     def backend_pid(self, conn: Any) -> int | None: ...
     def send_cancel(self, conn: Any, timeout: float) -> None: ...
+    def rollback(self, conn: Any) -> None: ...
 
 
 class _Psycopg3:
@@ -77,6 +78,9 @@ class _Psycopg3:
         else:
             conn.cancel()
 
+    def rollback(self, conn: Any) -> None:
+        conn.rollback()  # sends ROLLBACK whenever a transaction is open, autocommit or not
+
 
 class _Psycopg2:
     def is_closed(self, conn: Any) -> bool:
@@ -93,6 +97,13 @@ class _Psycopg2:
 
     def send_cancel(self, conn: Any, timeout: float) -> None:
         conn.cancel()  # PQcancel: blocking, bounded by the server's answer
+
+    def rollback(self, conn: Any) -> None:
+        if conn.autocommit:  # psycopg2's rollback() does nothing in autocommit mode
+            with conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+        else:
+            conn.rollback()
 
 
 _ADAPTERS: dict[type, DriverAdapter | None] = {}
@@ -241,12 +252,15 @@ def close_quietly(conn: Any) -> None:
 
 def rollback_quietly(conn: Any) -> bool:
     """Roll back an open transaction; False if that failed (the caller then closes)."""
+    adapter = adapter_for(conn)
+    if adapter is None:
+        return False
     try:
-        conn.rollback()
+        adapter.rollback(conn)
     except Exception:
         logger.debug("rollback of a discarded connection failed", exc_info=True)
         return False
-    return True
+    return transaction_status(conn) is TransactionStatus.IDLE
 
 
 # Objects inherited across fork whose sockets we closed at the fd level. They are kept

@@ -1,0 +1,126 @@
+"""Pure logic: options, names, redaction, counters. No servers needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from lifeguard.appname import application_name, hostname_matches, parse_application_name
+from lifeguard.errors import ConfigurationError
+from lifeguard.hooks import OutcomeKind, PoolKind, TaskOutcome
+from lifeguard.options import Options, options_from_conf
+from lifeguard.redact import describe_django_database, redact_url
+from lifeguard.stats import Stats
+
+
+def test_application_name_fits_63_bytes_keeping_prefix_and_pid():
+    name = application_name("lifeguard", "h" * 100, 4194304)
+    assert len(name.encode()) == 63
+    assert name.startswith("lifeguard:hhh") and name.endswith(":4194304")
+    parsed = parse_application_name(name, "lifeguard")
+    assert parsed is not None and parsed.pid == 4194304
+    assert hostname_matches(parsed.hostname, "h" * 100)
+
+
+def test_application_name_is_printable_ascii():
+    assert application_name("lg", "hôte:1", 7) == "lg:h?te_1:7"
+
+
+@pytest.mark.parametrize("value", [None, "", "other:host:1", "lifeguard:host:x", "lifeguard"])
+def test_foreign_application_names_are_not_ours(value):
+    assert parse_application_name(value, "lifeguard") is None
+
+
+def test_options_from_arguments_and_conf():
+    options = Options.resolve({"cancel_timeout": 2}, {"ping_after_idle": "none", "django": "yes"})
+    assert options.cancel_timeout == 2.0
+    assert options.ping_after_idle is None
+    assert options.django is True
+
+
+def test_arguments_win_over_conf():
+    assert Options.resolve({"ping_after_idle": 1}, {"ping_after_idle": 9}).ping_after_idle == 1
+
+
+def test_unknown_option_names_the_closest():
+    with pytest.raises(ConfigurationError, match="Did you mean 'ping_after_idle'"):
+        Options.resolve({"ping_afer_idle": 1})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("cancel_timeout", -1, "must not be negative"),
+        ("cancel_timeout", "soon", "number of seconds"),
+        ("django", "perhaps", "true or false"),
+        ("application_name_prefix", "a:b", "must not contain ':'"),
+    ],
+)
+def test_bad_values_say_what_to_change(name, value, message):
+    with pytest.raises(ConfigurationError, match=message):
+        Options.resolve({name: value})
+
+
+def test_conf_keys_with_and_without_namespace():
+    conf = {"CELERY_LIFEGUARD_PING_AFTER_IDLE": 5, "lifeguard_cancel_timeout": 1, "other": 2}
+    assert options_from_conf(conf, "CELERY") == {"ping_after_idle": 5, "cancel_timeout": 1}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (
+            "postgresql+psycopg://u@h/db?password=secret&x=1",
+            "postgresql+psycopg://u@h/db?password=***&x=1",
+        ),
+        ("host=h user=u password=secret dbname=d", "host=h user=u password=*** dbname=d"),
+        ("host=h password='se cret' dbname=d", "host=h password=*** dbname=d"),
+    ],
+)
+def test_passwords_are_masked(url, expected):
+    assert redact_url(url) == expected
+
+
+def test_django_database_description_has_no_password():
+    text = describe_django_database(
+        "default", {"USER": "u", "PASSWORD": "pw", "HOST": "h", "NAME": "d"}
+    )
+    assert "pw" not in text and text == "default (u@h/d)"
+
+
+def test_counters_per_process_and_task():
+    stats = Stats()
+    stats.incr("connections_discarded", task="t", reason="interrupted")
+    stats.incr("connections_reused", task="t")
+    stats.incr("connections_reused")
+    snapshot = stats.snapshot()
+    assert snapshot["process"] == {
+        "connections_discarded": {"interrupted": 1},
+        "connections_reused": 2,
+    }
+    assert snapshot["tasks"]["t"]["connections_reused"] == 1
+    stats.reset()
+    assert stats.snapshot()["process"] == {}
+
+
+@pytest.mark.parametrize(
+    ("pool_cls", "kind"),
+    [
+        ("prefork", PoolKind.PREFORK),
+        ("threads", PoolKind.THREADS),
+        ("gevent", PoolKind.GEVENT),
+        ("solo", PoolKind.SOLO),
+        ("celery.concurrency.prefork:TaskPool", PoolKind.PREFORK),
+        ("custom.pool:Pool", PoolKind.OTHER),
+    ],
+)
+def test_pool_kinds(pool_cls, kind):
+    assert PoolKind.from_pool_cls(pool_cls) is kind
+
+
+def test_outcome_kinds():
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    assert TaskOutcome("FAILURE", SoftTimeLimitExceeded()).kind is OutcomeKind.SOFT_TIME_LIMIT
+    assert TaskOutcome("SUCCESS").kind is OutcomeKind.SUCCESS
+    assert TaskOutcome("RETRY").kind is OutcomeKind.RETRY
