@@ -74,6 +74,7 @@ def sandbox_worker(
         native_pool: str = "",
         options: str = "{}",
         args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
         start: bool = True,
     ) -> CeleryWorker:
         worker = CeleryWorker(
@@ -91,6 +92,7 @@ def sandbox_worker(
                 "LIFEGUARD_SANDBOX_DRIVER": driver,
                 "LIFEGUARD_SANDBOX_POOL": native_pool,
                 "LIFEGUARD_SANDBOX_OPTIONS": options,
+                **(env or {}),
             },
             args=args,
         )

@@ -111,3 +111,33 @@ def test_long_idle_connection_gets_a_round_trip(sandbox_worker, tasks: SandboxTa
     time.sleep(0.5)
     second = tasks.run("touch")
     assert second["backend"] == first["backend"]  # the ping passed: same session
+
+
+@pytest.mark.parametrize("native_pool", ["", '{"min_size": 2, "max_size": 2}'])
+def test_children_forked_from_a_main_process_holding_connections(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix, native_pool
+):
+    """The MainProcess queries once ready; children recycled afterwards inherit its
+    connection (and pool). They must drop them without a byte on the parent's sockets."""
+    worker = sandbox_worker(
+        pool="prefork",
+        concurrency=2,
+        conn_max_age="0" if native_pool else "600",
+        native_pool=native_pool,
+        args=("--max-tasks-per-child=2",),
+        env={"LIFEGUARD_SANDBOX_MAIN_USES_DB": "1"},
+    )
+    host = socket.gethostname()
+    main_name = f"{prefix}:{host}:{worker.pid}"
+    deadline = time.monotonic() + 5
+    while not [b for b in test_db.backends(prefix) if b.application_name == main_name]:
+        assert time.monotonic() < deadline, "the MainProcess never connected"
+        time.sleep(0.05)
+    main_backends = {b.pid for b in test_db.backends(prefix) if b.application_name == main_name}
+
+    results = tasks.run_many("touch", 12)  # about six children forked from that parent
+
+    assert {r["backend"] for r in results}.isdisjoint(main_backends)
+    still = {b.pid for b in test_db.backends(prefix) if b.application_name == main_name}
+    assert still == main_backends, "a child closed the parent's session"
+    assert len({r["worker_pid"] for r in results}) >= 4

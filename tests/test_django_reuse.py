@@ -30,3 +30,21 @@ def test_prefork_reuses_one_session_per_child(
     assert {b.application_name.rsplit(":", 1)[1] for b in backends} <= {str(p) for p in children}
     worker.stop()
     assert test_db.sessions() - sessions_before <= 2
+
+
+@pytest.mark.compat
+def test_celery_fixup_keeps_its_setup_duties(sandbox_worker, tasks: SandboxTasks):
+    """lifeguard takes over connections only: Django is set up, tasks are DjangoTasks."""
+    worker = sandbox_worker(pool="prefork", concurrency=1)
+    assert "DjangoTask" in tasks.run("task_class")
+    assert tasks.run("touch")["backend"]
+    assert "Signal handler" not in worker.log  # no receiver of Celery's or ours failed
+
+
+def test_install_rejects_unknown_options():
+    from celery import Celery
+
+    import lifeguard
+
+    with pytest.raises(lifeguard.ConfigurationError, match="Did you mean 'cancel_timeout'"):
+        lifeguard.install(Celery("t"), cancel_timout=3)

@@ -10,6 +10,7 @@ LIFEGUARD_SANDBOX_POOL        JSON options of Django's native pool ("" = no pool
 LIFEGUARD_SANDBOX_DRIVER      psycopg (default) | psycopg2
 LIFEGUARD_SANDBOX_OPTIONS     JSON of extra lifeguard options (CELERY_LIFEGUARD_*)
 LIFEGUARD_SANDBOX_QUIET       set: no log line per task (benchmarks)
+LIFEGUARD_SANDBOX_MAIN_USES_DB  set: the MainProcess queries once the worker is ready
 """
 
 from __future__ import annotations

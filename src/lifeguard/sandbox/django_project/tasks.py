@@ -140,3 +140,9 @@ def driver() -> str:
     """The DB-API module behind Django's connection (psycopg or psycopg2)."""
     connection.ensure_connection()
     return type(connection.connection).__module__.split(".")[0]
+
+
+@shared_task(bind=True)
+def task_class(self: Any) -> list[str]:
+    """The task's class hierarchy: Celery's fixup makes it a DjangoTask."""
+    return [cls.__name__ for cls in type(self).__mro__]
