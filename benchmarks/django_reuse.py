@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from celery import Celery
 from celery.result import ResultSet
 
+from lifeguard.sandbox.django_project import TASKS, sandbox_worker
 from lifeguard.sandbox.postgres import EmbeddedPostgres, PostgresServer
 from lifeguard.sandbox.redis import find_redis
-from lifeguard.sandbox.worker import CeleryWorker
 
-APP = "lifeguard.sandbox.django_project.celery_app"
-TASKS = "lifeguard.sandbox.django_project.tasks"
 POOL = '{"min_size": 1, "max_size": 2}'
 
 
@@ -65,37 +63,23 @@ class Measure:
     sessions: int
 
 
-def sessions(server: PostgresServer, database: str) -> int:
-    with server.admin() as conn:
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = conn.execute(
-            "SELECT sessions FROM pg_stat_database WHERE datname = %s", [database]
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def run_once(
     config: Config, server: PostgresServer, db_url: str, redis: str, *, n: int, concurrency: int
 ) -> Measure:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     client = Celery("bench", broker=redis, backend=redis)
-    worker = CeleryWorker(
-        APP,
-        pool="prefork",
-        concurrency=concurrency,
+    worker = sandbox_worker(
+        db_url=db_url,
+        broker_url=redis,
         queue=queue,
-        env={
-            "LIFEGUARD_SANDBOX_DB_URL": db_url,
-            "LIFEGUARD_SANDBOX_BROKER_URL": redis,
-            "LIFEGUARD_SANDBOX_QUEUE": queue,
-            "LIFEGUARD_SANDBOX_MODE": config.mode,
-            "LIFEGUARD_SANDBOX_PREFIX": "bench",
-            "LIFEGUARD_SANDBOX_CONN_MAX_AGE": config.conn_max_age,
-            "LIFEGUARD_SANDBOX_POOL": config.pool,
-            "LIFEGUARD_SANDBOX_QUIET": "1",
-        },
+        mode=config.mode,
+        prefix="bench",
+        conn_max_age=config.conn_max_age,
+        native_pool=config.pool,
+        quiet=True,
+        concurrency=concurrency,
     )
-    before = sessions(server, "bench")
+    before = server.session_count("bench")
     worker.start()
     try:
         name = f"{TASKS}.{config.task}"
@@ -109,7 +93,7 @@ def run_once(
         worker.stop()
         client.close()
     time.sleep(0.5)
-    return Measure(tasks_per_s=n / elapsed, sessions=sessions(server, "bench") - before - 0)
+    return Measure(tasks_per_s=n / elapsed, sessions=server.session_count("bench") - before)
 
 
 def start_server(plain: bool) -> tuple[EmbeddedPostgres, PostgresServer, str]:

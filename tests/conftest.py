@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterator
 import pytest
 from celery import Celery
 
+from lifeguard.sandbox.django_project import sandbox_worker as django_sandbox_worker
 from lifeguard.sandbox.postgres import PostgresServer, find_postgres
 from lifeguard.sandbox.redis import find_redis
 from lifeguard.sandbox.worker import CeleryWorker
 
 from .support import Database, SandboxTasks
-
-SANDBOX_APP = "lifeguard.sandbox.django_project.celery_app"
 
 
 @pytest.fixture(scope="session")
@@ -77,24 +76,20 @@ def sandbox_worker(
         env: dict[str, str] | None = None,
         start: bool = True,
     ) -> CeleryWorker:
-        worker = CeleryWorker(
-            SANDBOX_APP,
+        worker = django_sandbox_worker(
+            db_url=db_url or test_db.url,
+            broker_url=f"{redis_url}/14",
+            queue=queue,
+            mode=mode,
+            prefix=prefix,
+            conn_max_age=conn_max_age,
+            native_pool=native_pool,
+            driver=driver,
+            options=options,
             pool=pool,
             concurrency=concurrency,
-            queue=queue,
-            env={
-                "LIFEGUARD_SANDBOX_DB_URL": db_url or test_db.url,
-                "LIFEGUARD_SANDBOX_BROKER_URL": f"{redis_url}/14",
-                "LIFEGUARD_SANDBOX_QUEUE": queue,
-                "LIFEGUARD_SANDBOX_MODE": mode,
-                "LIFEGUARD_SANDBOX_PREFIX": prefix,
-                "LIFEGUARD_SANDBOX_CONN_MAX_AGE": conn_max_age,
-                "LIFEGUARD_SANDBOX_DRIVER": driver,
-                "LIFEGUARD_SANDBOX_POOL": native_pool,
-                "LIFEGUARD_SANDBOX_OPTIONS": options,
-                **(env or {}),
-            },
             args=args,
+            env=env,
         )
         started.append(worker)
         if start:

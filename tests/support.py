@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lifeguard.sandbox.django_project import TASKS
 from lifeguard.sandbox.postgres import PostgresServer
 
 
@@ -60,12 +61,20 @@ class Database:
 
     def sessions(self) -> int:
         """pg_stat_database.sessions of this database (flushed when sessions end)."""
-        with self.server.admin() as conn:
-            conn.execute("SELECT pg_stat_clear_snapshot()")
-            row = conn.execute(
-                "SELECT sessions FROM pg_stat_database WHERE datname = %s", [self.name]
-            ).fetchone()
-        return int(row[0]) if row else 0
+        return self.server.session_count(self.name)
+
+    def running(self, statement_start: str, timeout: float = 0.0) -> list[int]:
+        """Backends still executing a statement that starts so, after up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.admin(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+                "AND query LIKE %s",
+                [self.name, statement_start + "%"],
+            )
+            if not rows or time.monotonic() >= deadline:
+                return [row[0] for row in rows]
+            time.sleep(0.05)
 
     def terminate(self, prefix: str) -> int:
         rows = self.admin(
@@ -74,9 +83,6 @@ class Database:
             [self.name, prefix + ":%"],
         )
         return int(rows[0][0])
-
-
-TASKS = "lifeguard.sandbox.django_project.tasks"
 
 
 class SandboxTasks:

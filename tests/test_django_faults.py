@@ -24,19 +24,6 @@ def assert_clean(db: Database, prefix: str, concurrency: int) -> None:
     assert not [b for b in backends if b.state == "active"], backends
 
 
-def wait_until_no_sleep(db: Database, timeout: float = 5.0) -> list[tuple]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = db.admin(
-            "SELECT pid, state, query FROM pg_stat_activity "
-            "WHERE datname = %s AND query LIKE 'SELECT pg_sleep%%' AND state = 'active'",
-            [db.name],
-        )
-        if not rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
-
-
 @pytest.mark.compat
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_soft_time_limit_mid_query(
@@ -52,7 +39,7 @@ def test_soft_time_limit_mid_query(
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
     assert tasks.run_many("touch", 5)  # the same child, right after the fault
     # Nothing left running on the server for the client that gave up.
-    assert wait_until_no_sleep(test_db, timeout=1.5) == []
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
     assert_clean(test_db, prefix, 1)
     if driver == "psycopg":
         stats = tasks.run("guard_stats")
@@ -70,7 +57,7 @@ def test_soft_time_limit_inside_atomic(
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
     assert tasks.run_many("touch", 3)
     assert tasks.run("count_items", "atomic-interrupted") == 0
-    assert wait_until_no_sleep(test_db, timeout=1.5) == []
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
     assert_clean(test_db, prefix, 1)
 
 

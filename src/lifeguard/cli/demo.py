@@ -17,9 +17,7 @@ from typing import Any
 import click
 
 from ..redact import redact_url
-
-APP = "lifeguard.sandbox.django_project.celery_app"
-TASKS = "lifeguard.sandbox.django_project.tasks"
+from ..sandbox.django_project import TASKS
 
 
 @dataclass
@@ -47,23 +45,17 @@ class DemoRun:
     def worker(self, mode: str, concurrency: int = 2, **env: str) -> Iterator[Any]:
         from celery import Celery
 
-        from ..sandbox.worker import CeleryWorker
+        from ..sandbox.django_project import sandbox_worker
 
         queue = f"demo-{uuid.uuid4().hex[:8]}"
-        worker = CeleryWorker(
-            APP,
-            pool="prefork",
-            concurrency=concurrency,
+        worker = sandbox_worker(
+            db_url=self.db_url,
+            broker_url=self.broker,
             queue=queue,
-            env={
-                "LIFEGUARD_SANDBOX_DB_URL": self.db_url,
-                "LIFEGUARD_SANDBOX_BROKER_URL": self.broker,
-                "LIFEGUARD_SANDBOX_QUEUE": queue,
-                "LIFEGUARD_SANDBOX_MODE": mode,
-                "LIFEGUARD_SANDBOX_PREFIX": "lifeguard",
-                "LIFEGUARD_SANDBOX_QUIET": "1",
-                **env,
-            },
+            mode=mode,
+            concurrency=concurrency,
+            quiet=True,
+            env=env,
         )
         client = Celery("demo", broker=self.broker, backend=self.broker)
         worker.start()
@@ -74,12 +66,7 @@ class DemoRun:
             client.close()
 
     def sessions(self) -> int:
-        with self.server.admin() as conn:
-            conn.execute("SELECT pg_stat_clear_snapshot()")
-            row = conn.execute(
-                "SELECT sessions FROM pg_stat_database WHERE datname = %s", [self.database]
-            ).fetchone()
-        return int(row[0]) if row else 0
+        return int(self.server.session_count(self.database))
 
     def activity(self) -> list[tuple[Any, ...]]:
         with self.server.admin() as conn:

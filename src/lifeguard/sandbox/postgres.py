@@ -109,6 +109,19 @@ class PostgresServer:
                 )
             )
 
+    def session_count(self, database: str) -> int:
+        """``pg_stat_database.sessions``: sessions ever opened to ``database``.
+
+        A backend's statistics are flushed when it exits (and now and then while it
+        runs): read it after the sessions being counted have ended.
+        """
+        with self.admin() as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = %s", [database]
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     def stop(self) -> None:
         if self.embedded is None:
             raise RuntimeError("only a server this process started may be stopped")
