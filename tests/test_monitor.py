@@ -164,8 +164,9 @@ def test_idle_connections_warn_then_turn_critical(
     critical = check(url, "--prefix", prefix, "--idle-warning", "1", "--idle-critical", "2")
     assert critical.exit_code == CRITICAL
     assert check(url, "--idle-warning", "3", "--idle-critical", "5").exit_code == OK
-    # Percentages are of the usable slots (97 of the local server's 100 at most).
-    assert check(url, "--idle-warning", "2%").exit_code == WARNING
+    # Percentages are of the usable slots: 2.5 connections' worth warns about 3.
+    usable = json.loads(check(url, "--json").stdout)["database"]["usable_slots"]
+    assert check(url, "--idle-warning", f"{250 / usable}%").exit_code == WARNING
     assert check(url).exit_code == OK  # the guide's 60% / 85%
 
 

@@ -109,6 +109,7 @@ class WorkerMetrics(Hook):
         self._counts: dict[tuple[str, str, str], int] = {}
         self._dirty: set[tuple[str, str, str]] = set()
         self._tasks_run = 0
+        self._listening = False
         self._reported: set[str] = set()  # problems already logged once
 
     # --- MainProcess ------------------------------------------------------------------
@@ -125,8 +126,10 @@ class WorkerMetrics(Hook):
                 "pip install 'celery-lifeguard[prometheus]'"
             ) from None
         self.directory = self._prepare_directory(options.metrics_dir)
+        if not self._listening:  # once, even if this guard sees several worker starts
+            self.guard.counters.add_listener(self._count)
+            self._listening = True
         self.enabled = True
-        self.guard.counters.add_listener(self._count)
         if not getattr(values.ValueClass, "_multiprocess", False):
             self.guard.lifecycle.announce(
                 logger,

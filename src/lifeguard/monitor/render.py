@@ -35,7 +35,7 @@ def backend_line(report: Report, backend: Backend, critical: bool = False) -> st
         parts.append("over the critical limit")
     task = report.task_label(backend)
     if task:
-        parts.append(f"task {task}")
+        parts.append(task if task.startswith("(") else f"task {task}")
     return ", ".join(parts)
 
 

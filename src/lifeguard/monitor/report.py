@@ -9,6 +9,7 @@ every few seconds (its baseline is the snapshot about a minute earlier).
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -78,7 +79,7 @@ class Report:
                 "usable_slots": snap.usable_slots,
                 "server_backends": snap.server_backends,
             },
-            "privileges": snap.privileges.__dict__,
+            "privileges": dataclasses.asdict(snap.privileges),
             "prefix": snap.prefix,
             "backends_by_state": snap.by_state(),
             "worker_backends_by_state": snap.by_state(snap.worker_backends),
@@ -94,7 +95,7 @@ class Report:
             "findings": [self._finding_json(finding) for finding in self.findings],
             "worker_backends": [self._backend_json(b) for b in snap.worker_backends],
             "workers_asked": None if self.tasks is None else {"error": self.tasks.error},
-            "actions": [action.__dict__ for action in self.actions],
+            "actions": [dataclasses.asdict(action) for action in self.actions],
         }
 
     def _sessions_json(self) -> dict[str, Any] | None:
@@ -147,10 +148,18 @@ class Report:
             "wait_event": backend.wait_event,
             "query": backend.query,
             "client_addr": backend.client_addr,
-            "tasks": None
-            if running is None
-            else [{"id": task.id, "name": task.name, "node": task.node} for task in running],
+            "tasks": None if running is None else [_task_json(task) for task in running],
         }
+
+
+def _task_json(task: RunningTask) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "name": task.name,
+        "node": task.node,
+        "worker_pid": task.worker_pid,
+        "running_seconds": _round(task.running_seconds()),
+    }
 
 
 def _round(value: float | None) -> float | None:
