@@ -207,14 +207,17 @@ class WorkerMetrics(Hook):
     def on_process_start(self, worker: WorkerInfo, forked: bool) -> None:
         if not self.enabled:
             return
-        with self._write_lock, self._lock:
+        if forked:
+            # A lock held by another thread of the parent at fork would never be released;
+            # the counters were reset at fork: so is their mirror.
+            self._lock, self._write_lock = threading.Lock(), threading.Lock()
+            self._counts.clear()
+            self._dirty.clear()
+            self._tasks_run = 0
+        with self._write_lock:
             self._value_class = _prometheus("values").MultiProcessValue()
             self._values.clear()
             self._written.clear()
-            if forked:  # the counters were reset at fork: so is their mirror
-                self._counts.clear()
-                self._dirty.clear()
-                self._tasks_run = 0
         self.write()
 
     def after_task(self, run: TaskRun, outcome: TaskOutcome) -> None:
