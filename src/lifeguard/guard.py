@@ -28,7 +28,10 @@ class Lifeguard:
         self.hooks: list[Hook] = []
         self.lifecycle = Lifecycle(self)
         from .django_connections import DjangoConnections
+        from .metrics import WorkerMetrics
 
+        # Metrics first: hooks leave in reverse order, so its after_task sees every count.
+        self.add_hook(WorkerMetrics())
         self.add_hook(DjangoConnections())
 
     def configure(self) -> None:

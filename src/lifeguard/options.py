@@ -89,6 +89,30 @@ def _optional_names(name: str, value: Any) -> tuple[str, ...] | None:
     return tuple(items)
 
 
+def _port(name: str, value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none"}):
+        return None
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = -1
+    if not 1 <= port <= 65535 or isinstance(value, bool):
+        raise ConfigurationError(
+            f"lifeguard option {name!r} must be a TCP port (1-65535) or None, not {value!r}"
+        )
+    return port
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"lifeguard option {name!r} must be a non-empty string")
+    return value.strip()
+
+
+def _optional_text(name: str, value: Any) -> str | None:
+    return None if value is None else _text(name, value)
+
+
 def _option(default: Any, parse: Callable[[str, Any], Any], doc: str) -> Any:
     return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -125,6 +149,23 @@ class Options:
         None,
         _optional_names,
         "Django database aliases to manage; None manages every PostgreSQL alias.",
+    )
+    # --- worker metrics (Prometheus) ----------------------------------------------
+    metrics_port: int | None = _option(
+        None,
+        _port,
+        "Serve the worker's metrics (every process's counters) to Prometheus on this "
+        "port, from the MainProcess; None serves nothing.",
+    )
+    metrics_address: str = _option(
+        "0.0.0.0", _text, "Address the worker's metrics endpoint listens on."
+    )
+    metrics_dir: str | None = _option(
+        None,
+        _optional_text,
+        "Directory of prometheus_client's per-process files; None uses "
+        "PROMETHEUS_MULTIPROC_DIR when set, else a temporary directory. Wiped at worker "
+        "start: it must belong to this worker alone.",
     )
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 # Counter names, shared by every integration (Django, SQLAlchemy, ...).
@@ -24,6 +25,9 @@ HOOK_ERRORS = "hook_errors"
 
 _Key = tuple[str, str | None]  # (counter, reason)
 
+#: Called after each increment with (counter, task, reason, n): the metrics exporter.
+Listener = Callable[[str, str | None, str | None, int], None]
+
 
 class Stats:
     """Counters of one process."""
@@ -33,6 +37,11 @@ class Stats:
         self._pid = os.getpid()
         self._total: dict[_Key, int] = defaultdict(int)
         self._by_task: dict[str, dict[_Key, int]] = defaultdict(lambda: defaultdict(int))
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Be told of every increment (after it is counted), e.g. to export it."""
+        self._listeners.append(listener)
 
     def reset(self) -> None:
         """Start from zero: a forked child must not report its parent's counts."""
@@ -49,6 +58,8 @@ class Stats:
             self._total[key] += n
             if task is not None:
                 self._by_task[task][key] += n
+        for listener in self._listeners:
+            listener(counter, task, reason, n)
 
     def get(self, counter: str, reason: str | None = None, task: str | None = None) -> int:
         with self._lock:

@@ -11,7 +11,9 @@ from .. import __version__
 
 # name -> "module:attribute" of a click command, imported only when it runs.
 COMMANDS: dict[str, str] = {
+    "check": "lifeguard.cli.check:check",
     "demo": "lifeguard.cli.demo:demo",
+    "monitor": "lifeguard.cli.monitor:monitor",
 }
 
 

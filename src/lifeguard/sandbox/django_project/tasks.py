@@ -88,6 +88,15 @@ def count_items(value: str) -> int:
 
 
 @shared_task
+def hold_transaction(seconds: float) -> dict[str, Any]:
+    """A transaction kept open while the task waits: idle in transaction as it runs."""
+    with transaction.atomic():
+        info = _backend()
+        time.sleep(seconds)
+    return info
+
+
+@shared_task
 def hold(seconds: float) -> dict[str, Any]:
     """One query, then keep the connection while doing slow I/O."""
     info = _backend()

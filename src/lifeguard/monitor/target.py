@@ -1,0 +1,224 @@
+"""Which database the monitor watches, and a connection to it that never shows a password.
+
+The database comes from, in order: ``--database-url``, the ``LIFEGUARD_DATABASE_URL``
+environment variable, or the Celery app given with ``-A``: its Django ``DATABASES``
+entry when Django is configured, else any lifeguard concern of the app that offers a
+URL (:class:`DatabaseUrlSource`, e.g. the SQLAlchemy integration).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import ConfigurationError, LifeguardError
+from ..redact import describe_django_database, redact_url
+
+ENV_URL = "LIFEGUARD_DATABASE_URL"
+#: How the monitor's own session shows in pg_stat_activity (never a worker's prefix).
+MONITOR_APPLICATION_NAME = "lifeguard-monitor"
+
+# SQLAlchemy spells the driver into the scheme (postgresql+psycopg://); libpq does not.
+_DRIVER_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
+
+# libpq connection keywords: the OPTIONS of a Django database that libpq understands.
+_LIBPQ_KEYWORDS = frozenset(
+    (  # noqa: SIM905
+        "host hostaddr port dbname user password passfile channel_binding connect_timeout "
+        "client_encoding options application_name fallback_application_name keepalives "
+        "keepalives_idle keepalives_interval keepalives_count tcp_user_timeout gssencmode "
+        "sslmode sslnegotiation sslcompression sslcert sslkey sslpassword sslcertmode "
+        "sslrootcert sslcrl sslcrldir sslsni requirepeer ssl_min_protocol_version "
+        "ssl_max_protocol_version krbsrvname gsslib gssdelegation service "
+        "target_session_attrs load_balance_hosts"
+    ).split()
+)
+
+
+class DatabaseUnreachable(LifeguardError):
+    """The monitored database did not accept a connection (one line, no password)."""
+
+
+@runtime_checkable
+class DatabaseUrlSource(Protocol):
+    """A lifeguard concern that knows the app's database (e.g. an SQLAlchemy engine's URL).
+
+    ``lifeguard monitor -A app`` asks every hook of the app's guard that has this
+    method, after Django; the first URL returned is used.
+    """
+
+    def monitor_database_url(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """How to reach the database: a libpq URL or keyword string and/or keywords."""
+
+    dsn: str = ""
+    keywords: Mapping[str, str] = field(default_factory=dict)
+    where: str = ""  # the database, as shown to users: never holds the password
+    source: str = ""  # where the setting came from
+
+    def __str__(self) -> str:
+        return f"{self.where} (from {self.source})"
+
+
+def from_url(url: str, source: str) -> DatabaseTarget:
+    """A target from a PostgreSQL URL (SQLAlchemy driver schemes accepted) or libpq DSN."""
+    url = url.strip()
+    if not url:
+        raise ConfigurationError(f"{source} is empty: give a postgresql:// URL")
+    if "://" in url:
+        if not _DRIVER_SCHEME.match(url):
+            scheme = url.split("://", 1)[0]
+            raise ConfigurationError(
+                f"{source} uses the scheme {scheme!r}; lifeguard monitors PostgreSQL: "
+                "give a postgresql:// URL"
+            )
+        url = _DRIVER_SCHEME.sub("postgresql://", url, count=1)
+    return DatabaseTarget(dsn=url, where=redact_url(url), source=source)
+
+
+def from_django(alias: str = "default") -> DatabaseTarget | None:
+    """The target of Django's ``DATABASES[alias]``, or None when Django isn't configured."""
+    try:
+        from django.conf import settings
+    except ImportError:
+        return None
+    if not (settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE")):
+        return None
+    try:
+        databases = settings.DATABASES
+    except Exception as exc:  # ImproperlyConfigured, ImportError of the settings module
+        raise ConfigurationError(f"cannot read Django's DATABASES setting: {exc}") from exc
+    if alias not in databases:
+        raise ConfigurationError(
+            f"Django's DATABASES has no alias {alias!r} (aliases: {sorted(databases)}): "
+            "pass --database-alias"
+        )
+    entry: Mapping[str, Any] = databases[alias]
+    engine = str(entry.get("ENGINE", ""))
+    if "postg" not in engine:
+        raise ConfigurationError(
+            f"DATABASES[{alias!r}] uses {engine or 'no ENGINE'}; lifeguard monitors "
+            "PostgreSQL only: pass --database-url or another --database-alias"
+        )
+    keywords = {
+        key: str(value)
+        for key, value in (entry.get("OPTIONS") or {}).items()
+        if key in _LIBPQ_KEYWORDS and isinstance(value, (str, int))
+    }
+    for key, setting in (("dbname", "NAME"), ("user", "USER"), ("password", "PASSWORD")):
+        if entry.get(setting):
+            keywords[key] = str(entry[setting])
+    for key, setting in (("host", "HOST"), ("port", "PORT")):
+        if entry.get(setting):
+            keywords[key] = str(entry[setting])
+    return DatabaseTarget(
+        keywords=keywords,
+        where=describe_django_database(alias, entry),
+        source="Django DATABASES",
+    )
+
+
+def from_guard(app: Any) -> DatabaseTarget | None:
+    """A URL offered by a concern of the lifeguard installed on ``app``, if any."""
+    from ..guard import current_guard
+
+    guard = current_guard(app)
+    for hook in guard.hooks if guard is not None else ():
+        if isinstance(hook, DatabaseUrlSource):
+            url = hook.monitor_database_url()
+            if url:
+                return from_url(str(url), f"the {hook.name} integration of the app")
+    return None
+
+
+def resolve_target(
+    url: str | None, app: Any = None, django_alias: str = "default"
+) -> DatabaseTarget:
+    """The database to watch; raises :class:`ConfigurationError` saying how to name one."""
+    if url:
+        return from_url(url, "--database-url")
+    if os.environ.get(ENV_URL):
+        return from_url(os.environ[ENV_URL], ENV_URL)
+    if app is not None:
+        target = from_django(django_alias) or from_guard(app)
+        if target is not None:
+            return target
+        raise ConfigurationError(
+            "the app has no PostgreSQL database lifeguard can find (no Django DATABASES, "
+            f"no SQLAlchemy engine): pass --database-url or set {ENV_URL}"
+        )
+    raise ConfigurationError(
+        f"which database? pass --database-url, set {ENV_URL}, or give the Celery app "
+        "with -A so its Django/SQLAlchemy settings are used"
+    )
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a psycopg 3 or psycopg2 error."""
+    return getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+
+
+def _password(target: DatabaseTarget) -> str | None:
+    if "password" in target.keywords:
+        return target.keywords["password"]
+    from urllib.parse import unquote, urlsplit
+
+    if "://" in target.dsn:
+        password = urlsplit(target.dsn).password
+        return unquote(password) if password else None
+    match = re.search(r"password\s*=\s*'?([^'\s]+)", target.dsn)
+    return match.group(1) if match else None
+
+
+def one_line_error(exc: BaseException, target: DatabaseTarget) -> str:
+    """A driver error as one line, with the password masked should the server echo it."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    password = _password(target)
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
+    """An autocommit DB-API connection (psycopg 3, else psycopg2) for the monitor.
+
+    Its queries time out after ``timeout`` seconds too: a monitor must never hang.
+    """
+    keywords = dict(target.keywords)
+    keywords["connect_timeout"] = str(max(1, round(timeout)))
+    keywords["application_name"] = MONITOR_APPLICATION_NAME
+    module = driver()
+    try:
+        conn = module.connect(target.dsn, **keywords)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"SET statement_timeout = {int(timeout * 1000)}")
+    except module.Error as exc:
+        raise DatabaseUnreachable(
+            f"cannot connect to {target}: {one_line_error(exc, target)}"
+        ) from None
+    return conn
+
+
+def driver() -> Any:
+    """The DB-API module to use: psycopg 3 when installed, else psycopg2."""
+    try:
+        import psycopg
+
+        return psycopg
+    except ImportError:
+        pass
+    try:
+        import psycopg2
+
+        return psycopg2
+    except ImportError:
+        raise ConfigurationError(
+            "the monitor needs a PostgreSQL driver: pip install 'celery-lifeguard[psycopg]'"
+        ) from None
