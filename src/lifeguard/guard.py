@@ -28,8 +28,12 @@ class Lifeguard:
         self.hooks: list[Hook] = []
         self.lifecycle = Lifecycle(self)
         from .django_connections import DjangoConnections
+        from .memory import MemoryWatchdog
 
         self.add_hook(DjangoConnections())
+        # Last in, first out: its task phases sit closest to the task body, so the RSS
+        # delta it measures is the task's, not the other concerns' cleanup.
+        self.add_hook(MemoryWatchdog())
 
     def configure(self) -> None:
         """Merge ``lifeguard_*`` keys of ``app.conf`` under the install() arguments.
