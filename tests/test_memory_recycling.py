@@ -226,11 +226,12 @@ def test_recycling_loses_no_task_and_runs_none_twice(
 
 
 @pytest.mark.compat
-def test_threads_worker_shuts_down_warm_and_a_restart_finishes_the_rest(
-    memory_worker, memory_tasks: MemoryTasks
+@pytest.mark.parametrize("pool", ["threads", "gevent"])
+def test_worker_that_cannot_replace_a_process_shuts_down_warm_and_a_restart_finishes_the_rest(
+    memory_worker, memory_tasks: MemoryTasks, pool: str
 ):
     worker = memory_worker(
-        pool="threads", concurrency=2, acks_late=True, options={"memory_growth_limit": "6MiB"}
+        pool=pool, concurrency=2, acks_late=True, options={"memory_growth_limit": "6MiB"}
     )
     results = [memory_tasks.send("leak", 2, 0.1) for _ in range(12)]
 
@@ -242,7 +243,7 @@ def test_threads_worker_shuts_down_warm_and_a_restart_finishes_the_rest(
     assert all(result.successful() for result in done)
 
     # What the supervisor does: start it again. The rest runs, nothing runs twice.
-    memory_worker(pool="threads", concurrency=2, acks_late=True)
+    memory_worker(pool=pool, concurrency=2, acks_late=True)
     assert all(result.get(timeout=60)["pid"] for result in results)
     assert set(memory_tasks.executions().values()) == {1}
     assert len(memory_tasks.executions()) == len(results)
