@@ -7,7 +7,8 @@ Two measures, each comparing variants in the same run, interleaved, median of ro
    does (task_prerun/task_postrun, not eager), minus the broker and the pool's IPC.
    Variants: stock Celery (no lifeguard), lifeguard with ``memory=False``, lifeguard
    with the default policy (measuring, no limit), and with all three limits set (never
-   reached). The watchdog's cost is "default" minus "memory off".
+   reached). The watchdog's cost is "default" minus "memory off"; its two phases are
+   also timed alone (called directly), which leaves out the cache effects of a task.
 2. **real worker** (``--real-tasks 0`` skips it): a prefork worker with one child per
    variant, N no-op tasks through Redis; indicative only, as the broker round trips
    dominate.
@@ -31,7 +32,9 @@ from typing import Any
 from celery import Celery, signals
 from celery.app.trace import build_tracer
 
+from lifeguard import TaskOutcome, TaskRun
 from lifeguard.guard import Lifeguard
+from lifeguard.memory import MemoryWatchdog
 
 TARGET_US = 15.0
 
@@ -105,15 +108,15 @@ def interleaved(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def report(title: str, per_task: dict[str, float], unit: str = "µs/task") -> None:
+def report(title: str, per_task: dict[str, float], *, against_target: bool) -> None:
     stock = per_task["stock"]
     off = per_task.get("memory off")
     print(f"\n{title}")
-    print(f"  {'variant':<22} {unit:>10} {'vs stock':>10} {'ratio':>7}")
+    print(f"  {'variant':<22} {'µs/task':>10} {'vs stock':>10} {'ratio':>7}")
     for name, seconds in per_task.items():
         us = seconds * 1e6
         print(f"  {name:<22} {us:>10.1f} {(seconds - stock) * 1e6:>+10.1f} {seconds / stock:>7.2f}")
-    if off is not None:
+    if off is not None and against_target:
         for name in ("memory on (default)", "memory + 3 limits"):
             if name in per_task:
                 cost = (per_task[name] - off) * 1e6
@@ -124,12 +127,32 @@ def report(title: str, per_task: dict[str, float], unit: str = "µs/task") -> No
                 )
 
 
+def hook_phases(variant: Variant, n: int) -> float:
+    """Seconds per task of the watchdog's before_task + after_task, called directly."""
+    assert variant.guard is not None
+    watchdog = variant.guard.hook(MemoryWatchdog)
+    runs = [TaskRun(id=str(i), name="bench.noop", unit=None) for i in range(n)]
+    done = TaskOutcome(state="SUCCESS")
+    start = time.perf_counter()
+    for run in runs:
+        watchdog.before_task(run)
+        watchdog.after_task(run, done)
+    return (time.perf_counter() - start) / n
+
+
 def in_process(tasks: int, rounds: int) -> None:
     variants = [Variant(name, options) for name, options in VARIANTS.items()]
     for variant in variants:
         variant.run(200)  # warm up imports and caches
     per_task = interleaved({v.name: (lambda v=v: v.run(tasks)) for v in variants}, rounds)
-    report(f"in-process tracer, {tasks} no-op tasks x {rounds} rounds (median)", per_task)
+    report(
+        f"in-process tracer, {tasks} no-op tasks x {rounds} rounds (median)",
+        per_task,
+        against_target=True,
+    )
+    for variant in variants[2:]:
+        alone = statistics.median(hook_phases(variant, tasks) for _ in range(rounds))
+        print(f"  the watchdog's two phases alone, {variant.name}: {alone * 1e6:.1f} µs/task")
 
 
 def real_worker(tasks: int, rounds: int) -> None:
@@ -149,11 +172,7 @@ def real_worker(tasks: int, rounds: int) -> None:
                 "LIFEGUARD_SANDBOX_OPTIONS": json.dumps(options or {}),
             }
             worker = CeleryWorker(
-                "lifeguard.sandbox.memory_app",
-                concurrency=1,
-                queue=queue,
-                env=env,
-                loglevel="WARNING",
+                "lifeguard.sandbox.memory_app", concurrency=1, queue=queue, env=env
             )
             workers[name] = (worker.start(), queue)
 
@@ -176,6 +195,7 @@ def real_worker(tasks: int, rounds: int) -> None:
             f"real prefork worker (1 child, Redis), {tasks} no-op tasks x {rounds} rounds "
             "(median; broker round trips dominate, indicative only)",
             per_task,
+            against_target=False,
         )
     finally:
         for worker, _ in workers.values():
