@@ -213,6 +213,7 @@ def test_recycling_loses_no_task_and_runs_none_twice(
 
     assert all(isinstance(result.get(timeout=90), dict) for result in results)
     assert "WorkerLostError" not in worker.log  # no child left with a task unreported
+    assert "exited with" not in worker.log  # every exit was a normal recycle (EX_RECYCLE)
     assert len(recycle_lines(worker)) >= 2
     worker.stop()
     assert worker.returncode == 0

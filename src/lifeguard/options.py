@@ -159,6 +159,10 @@ def _task_count(name: str, value: Any) -> int:
     return _to_int(name, value, minimum=1)
 
 
+def _task_count_or_zero(name: str, value: Any) -> int:
+    return _to_int(name, value, minimum=0)
+
+
 def _optional_task_count(name: str, value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in {"none", ""}):
         return None
@@ -243,7 +247,7 @@ class Options:
     )
     memory_slope_warmup: int = _option(
         50,
-        _task_count,
+        _task_count_or_zero,
         "Tasks a new process runs before the slope limit applies (first-use caches, imports).",
     )
     memory_leak_sites_every: int | None = _option(
