@@ -28,11 +28,15 @@ class Lifeguard:
         self.hooks: list[Hook] = []
         self.lifecycle = Lifecycle(self)
         from .django_connections import DjangoConnections
+        from .memory import MemoryWatchdog
         from .metrics import WorkerMetrics
 
         # Metrics first: hooks leave in reverse order, so its after_task sees every count.
         self.add_hook(WorkerMetrics())
         self.add_hook(DjangoConnections())
+        # Last in, first out: its task phases sit closest to the task body, so the RSS
+        # delta it measures is the task's, not the other concerns' cleanup.
+        self.add_hook(MemoryWatchdog())
 
     def configure(self) -> None:
         """Merge ``lifeguard_*`` keys of ``app.conf`` under the install() arguments.

@@ -16,6 +16,10 @@ child)
 ``worker_ready`` (MainProcess)         log what ``on_worker_start`` announced
 =====================================  ==========================================
 
+A hook may ask for the process that runs tasks to be replaced between tasks
+(:meth:`Lifecycle.request_recycle`, prepared by :meth:`Lifecycle.prepare_recycling`);
+:mod:`lifeguard.recycle` explains why that loses no task on each pool.
+
 Eager tasks (``task.apply()``, ``task_always_eager``) are left alone, as Celery's own
 Django fixup does. Hooks run in registration order on the way in and in reverse order
 on the way out. An exception from a hook is logged and counted, never raised into the
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from . import stats
+from . import recycle, stats
 from .errors import ConfigurationError
 from .hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
 
@@ -70,6 +74,8 @@ class Lifecycle:
         self._runs_lock = threading.Lock()
         self._uid = f"lifeguard-{id(guard)}"
         self._announcements: list[tuple[logging.Logger, int, str, tuple[Any, ...]]] | None = []
+        self._recycling = False
+        self._exit: recycle.ProcessExit | None = None
 
     # --- wiring --------------------------------------------------------------------
 
@@ -138,6 +144,40 @@ class Lifecycle:
         else:
             self._announcements.append((log, level, message, args))
 
+    # --- recycling --------------------------------------------------------------------
+
+    def prepare_recycling(self) -> None:
+        """Call from ``on_worker_start`` if the hook may call :meth:`request_recycle`.
+
+        Each process that runs tasks then gets its exit mechanism when it starts (a
+        prefork child must get it before billiard's loop starts). Without a call, no
+        process is touched.
+        """
+        self._recycling = True
+
+    def request_recycle(self, reason: str) -> str | None:
+        """Have this process replaced once the task now ending is handed over.
+
+        Call from ``after_task``: on prefork the child exits after its result reached
+        the MainProcess and the pool forks another; on the other pools the worker does
+        a warm shutdown. Returns what will happen, for the caller's log line, or None
+        if a recycle was already requested.
+        """
+        if self._exit is None:
+            raise RuntimeError("request_recycle() needs prepare_recycling() at worker start")
+        if self._exit.requested:
+            return None
+        self._exit.request()
+        run = self.current_run()
+        self.guard.counters.incr(
+            stats.RECYCLES, task=run.name if run is not None else None, reason=reason
+        )
+        return self._exit.outcome
+
+    @property
+    def recycle_requested(self) -> bool:
+        return self._exit is not None and self._exit.requested
+
     # --- phases ----------------------------------------------------------------------
 
     def _call(self, hook: Hook, phase: str, *args: Any) -> None:
@@ -161,7 +201,7 @@ class Lifecycle:
         if not worker.pool.forks:
             self._start_process(forked=False)
 
-    def _start_process(self, forked: bool) -> None:
+    def _start_process(self, forked: bool, *, during_task: bool = False) -> None:
         assert self.worker is not None
         pid = os.getpid()
         if self._process_pid == pid:
@@ -172,6 +212,11 @@ class Lifecycle:
             self._runs.clear()
         if forked:
             self.guard.counters.reset()
+        self._exit = None
+        if self._recycling:
+            self._exit = recycle.for_process(
+                forked, self.guard.options.recycle_exit_code, too_late=during_task
+            )
         for hook in self.guard.hooks:
             self._call(hook, "on_process_start", self.worker, forked)
 
@@ -208,7 +253,7 @@ class Lifecycle:
             return
         if not self.in_task_process:
             # A pool that forked without telling us (no worker_process_init).
-            self._start_process(forked=os.getpid() != self.worker.main_pid)
+            self._start_process(forked=os.getpid() != self.worker.main_pid, during_task=True)
         unit = self.current_unit()
         run = TaskRun(id=task_id, name=sender.name, unit=unit)
         self._local.run = run

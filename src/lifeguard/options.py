@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -113,6 +114,89 @@ def _optional_text(name: str, value: Any) -> str | None:
     return None if value is None else _text(name, value)
 
 
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+}
+_SIZE_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def _to_size(name: str, value: Any, minimum: int) -> int | None:
+    """A size in bytes: an integer, or a string with a unit ('512MiB', '1.5GB', '256k')."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"none", ""}):
+        return None
+    if isinstance(value, bool):
+        raise ConfigurationError(f"lifeguard option {name!r} must be a size, not {value!r}")
+    if isinstance(value, (int, float)):
+        size = int(value)
+    else:
+        match = _SIZE_PATTERN.match(str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ConfigurationError(
+                f"lifeguard option {name!r} must be a size such as '512MiB' or '2GB', "
+                f"not {value!r} (units: B, KiB, MiB, GiB, KB, MB, GB)."
+            )
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < minimum:
+        raise ConfigurationError(
+            f"lifeguard option {name!r} is {value!r}, i.e. {size} bytes: integers are bytes. "
+            f"Give a unit, e.g. '{max(size, 1)}MiB'."
+        )
+    return size
+
+
+def _memory_size(name: str, value: Any) -> int | None:
+    return _to_size(name, value, minimum=1024**2)
+
+
+def _growth_per_task(name: str, value: Any) -> int | None:
+    return _to_size(name, value, minimum=1024)
+
+
+def _to_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        number = None
+    if isinstance(value, bool) or number is None or number < minimum:
+        raise ConfigurationError(
+            f"lifeguard option {name!r} must be a whole number >= {minimum}, not {value!r}"
+        )
+    if maximum is not None and number > maximum:
+        raise ConfigurationError(
+            f"lifeguard option {name!r} must be at most {maximum}, not {value!r}"
+        )
+    return number
+
+
+def _task_count(name: str, value: Any) -> int:
+    return _to_int(name, value, minimum=1)
+
+
+def _task_count_or_zero(name: str, value: Any) -> int:
+    return _to_int(name, value, minimum=0)
+
+
+def _optional_task_count(name: str, value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"none", ""}):
+        return None
+    return _to_int(name, value, minimum=1)
+
+
+def _exit_status(name: str, value: Any) -> int:
+    return _to_int(name, value, minimum=0, maximum=255)
+
+
 def _option(default: Any, parse: Callable[[str, Any], Any], doc: str) -> Any:
     return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -166,6 +250,58 @@ class Options:
         "Directory of prometheus_client's per-process files; None uses "
         "PROMETHEUS_MULTIPROC_DIR when set, else a temporary directory. Wiped at worker "
         "start: it must belong to this worker alone.",
+    )
+    # --- recycling (a process leaving to be replaced; used by the memory limits) -----
+    recycle_exit_code: int = _option(
+        0,
+        _exit_status,
+        "Exit status of a worker that stops itself to be restarted, on pools that cannot "
+        "replace a process (threads, gevent, eventlet, solo). 0 is a warm shutdown's status; "
+        "set e.g. 1 if your supervisor restarts only failed processes (Restart=on-failure).",
+    )
+    # --- memory (see docs/memory.md) ----------------------------------------------
+    memory: bool = _option(
+        True,
+        _to_bool,
+        "Measure RSS around every task (per task name, growth slope); needed by the "
+        "memory_* limits. Costs a few microseconds per task.",
+    )
+    memory_limit: int | None = _option(
+        None,
+        _memory_size,
+        "Recycle a process whose current RSS is above this size after a task ('512MiB'). "
+        "Unlike Celery's max_memory_per_child, a task that freed its memory is not punished.",
+    )
+    memory_growth_limit: int | None = _option(
+        None,
+        _memory_size,
+        "Recycle a process whose RSS grew by more than this since its first task ('200MiB').",
+    )
+    memory_slope_limit: int | None = _option(
+        None,
+        _growth_per_task,
+        "Recycle a process whose RSS keeps growing by more than this per task ('256KiB'), "
+        "measured over the last memory_slope_window tasks, after memory_slope_warmup tasks.",
+    )
+    memory_slope_window: int = _option(
+        100, _task_count, "Number of most recent tasks the growth slope is fitted over."
+    )
+    memory_slope_warmup: int = _option(
+        50,
+        _task_count_or_zero,
+        "Tasks a new process runs before the slope limit applies (first-use caches, imports).",
+    )
+    memory_leak_sites_every: int | None = _option(
+        None,
+        _optional_task_count,
+        "Leak-site mode: trace allocations with tracemalloc and log the top growing "
+        "allocation sites every this many tasks. Slows allocation-heavy code; None is off.",
+    )
+    memory_leak_sites_top: int = _option(
+        10, _task_count, "How many growing allocation sites a leak-site report lists."
+    )
+    memory_leak_sites_frames: int = _option(
+        1, _task_count, "Frames of traceback tracemalloc keeps per allocation (more is slower)."
     )
 
     @classmethod

@@ -21,6 +21,7 @@ TRANSACTIONS_ROLLED_BACK = "transactions_rolled_back"
 QUERIES_CANCELLED = "queries_cancelled"
 LEAKS_FOUND = "leaks_found"
 TASKS = "tasks"
+RECYCLES = "recycles"  # counted per reason: the process asked to be replaced
 HOOK_ERRORS = "hook_errors"
 
 _Key = tuple[str, str | None]  # (counter, reason)
