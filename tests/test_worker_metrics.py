@@ -75,6 +75,13 @@ def test_prefork_worker_serves_both_childrens_counts_on_one_endpoint(
     assert reused[(("reason", ""), ("task", TOUCH))] == total - 2
     assert "lifeguard: worker metrics on http://127.0.0.1:" in worker.log
 
+    # The memory watchdog contributes its figures: RSS per live child, growth per task.
+    rss = samples(families, "lifeguard_process_rss_bytes")
+    assert {int(dict(labels)["pid"]) for labels in rss} == set(by_child)
+    assert all(value > 10 * 2**20 for value in rss.values())
+    growth = samples(families, "lifeguard_task_rss_growth_bytes")
+    assert (("task", TOUCH),) in growth
+
 
 def test_killed_child_keeps_its_counts_and_drops_its_gauge(sandbox_worker, tasks: SandboxTasks):
     port = free_port()

@@ -38,6 +38,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 from .hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
+from .metrics import Sample
 from .options import Options
 
 logger = logging.getLogger("lifeguard.memory")
@@ -560,6 +561,44 @@ class MemoryWatchdog(Hook):
             self.reader = None
         if self.leak_sites is not None:
             self.leak_sites.stop()
+
+    def metric_samples(self) -> list[Sample]:
+        """Figures for the worker's Prometheus endpoint (see :mod:`lifeguard.metrics`)."""
+        if self.last_rss is None:
+            return []
+        samples = [
+            Sample("process_rss_bytes", self.last_rss, help="RSS of each live process"),
+        ]
+        if self.birth_rss is not None:
+            samples.append(
+                Sample(
+                    "process_rss_growth_bytes",
+                    self.last_rss - self.birth_rss,
+                    help="RSS growth of each live process since its first task",
+                )
+            )
+        slope = self.window.slope()
+        if slope is not None:
+            samples.append(
+                Sample(
+                    "process_rss_slope_bytes_per_task",
+                    slope,
+                    help="RSS growth per task over the recent window, per live process",
+                )
+            )
+        with self._lock:
+            growth = {name: entry.growth for name, entry in self.by_task.items()}
+        samples += [
+            Sample(
+                "task_rss_growth_bytes",
+                value,
+                labels={"task": name},
+                help="RSS growth attributed to each task name, summed over live processes",
+                mode="livesum",
+            )
+            for name, value in sorted(growth.items())
+        ]
+        return samples
 
     def stats(self) -> dict[str, Any] | None:
         reader = self.reader
