@@ -51,6 +51,7 @@ class Lifeguard:
         """Add a concern; it receives every worker phase from now on."""
         hook.bind(self)
         self.hooks.append(hook)
+        self.lifecycle.hooks_changed()
         return hook
 
     def hook(self, kind: type[Hook]) -> Any:

@@ -73,6 +73,7 @@ class Lifecycle:
         self._runs: dict[int, TaskRun] = {}
         self._runs_lock = threading.Lock()
         self._uid = f"lifeguard-{id(guard)}"
+        self._implementers: dict[str, list[Hook]] = {}
         self._announcements: list[tuple[logging.Logger, int, str, tuple[Any, ...]]] | None = []
         self._recycling = False
         self._exit: recycle.ProcessExit | None = None
@@ -180,14 +181,29 @@ class Lifecycle:
 
     # --- phases ----------------------------------------------------------------------
 
-    def _call(self, hook: Hook, phase: str, *args: Any) -> None:
-        try:
-            getattr(hook, phase)(*args)
-        except ConfigurationError:
-            raise
-        except Exception:
-            logger.exception("lifeguard: %s.%s failed; the task is not affected", hook.name, phase)
-            self.guard.counters.incr(stats.HOOK_ERRORS, reason=f"{hook.name}.{phase}")
+    def hooks_changed(self) -> None:
+        self._implementers.clear()
+
+    def _hooks_for(self, phase: str) -> list[Hook]:
+        """The hooks that override ``phase``, in order: the others are not even called."""
+        hooks = self._implementers.get(phase)
+        if hooks is None:
+            base = getattr(Hook, phase)
+            hooks = [h for h in self.guard.hooks if getattr(type(h), phase) is not base]
+            self._implementers[phase] = hooks
+        return hooks
+
+    def _run(self, phase: str, *args: Any, reverse: bool = False) -> None:
+        """Call ``phase`` on every hook that has it; log and count errors, never raise."""
+        hooks = self._hooks_for(phase)
+        for hook in reversed(hooks) if reverse else hooks:
+            try:
+                getattr(hook, phase)(*args)
+            except Exception:
+                logger.exception(
+                    "lifeguard: %s.%s failed; the task is not affected", hook.name, phase
+                )
+                self.guard.counters.incr(stats.HOOK_ERRORS, reason=f"{hook.name}.{phase}")
 
     def _start_worker(self, worker: WorkerInfo) -> None:
         self.worker = worker
@@ -217,14 +233,12 @@ class Lifecycle:
             self._exit = recycle.for_process(
                 forked, self.guard.options.recycle_exit_code, too_late=during_task
             )
-        for hook in self.guard.hooks:
-            self._call(hook, "on_process_start", self.worker, forked)
+        self._run("on_process_start", self.worker, forked)
 
     def _stop_process(self) -> None:
         if not self.in_task_process or self.worker is None:
             return
-        for hook in reversed(self.guard.hooks):
-            self._call(hook, "on_process_stop", self.worker)
+        self._run("on_process_stop", self.worker, reverse=True)
         self._process_pid = None
 
     # --- receivers -------------------------------------------------------------------
@@ -260,8 +274,7 @@ class Lifecycle:
         with self._runs_lock:
             self._runs[id(unit)] = run
         self.guard.counters.incr(stats.TASKS, task=run.name)
-        for hook in self.guard.hooks:
-            self._call(hook, "before_task", run)
+        self._run("before_task", run)
 
     def _on_task_failure(
         self,
@@ -287,8 +300,7 @@ class Lifecycle:
             return
         outcome = TaskOutcome(state=state, exception=run.exception)
         try:
-            for hook in reversed(self.guard.hooks):
-                self._call(hook, "after_task", run, outcome)
+            self._run("after_task", run, outcome, reverse=True)
         finally:
             self._local.run = None
             with self._runs_lock:
@@ -306,5 +318,4 @@ class Lifecycle:
         if self.worker is None or not self.worker.is_main_process:
             return
         self._stop_process()
-        for hook in reversed(self.guard.hooks):
-            self._call(hook, "on_worker_stop", self.worker)
+        self._run("on_worker_stop", self.worker, reverse=True)
