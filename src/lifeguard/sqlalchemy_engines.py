@@ -285,8 +285,7 @@ class SqlAlchemyEngines(Hook):
         ever sends a Terminate on the parent's session.
         """
         old_pool = managed.engine.pool
-        queue = getattr(getattr(old_pool, "_pool", None), "queue", None) or ()
-        for record in list(queue):
+        for record in _idle_records(old_pool):
             if getattr(record, "dbapi_connection", None) is not None:
                 pgdriver.abandon_inherited(record.driver_connection)
                 record.dbapi_connection = None
@@ -591,6 +590,17 @@ class SqlAlchemyEngines(Hook):
                 }
             )
         return {"engines": engines}
+
+
+def _idle_records(pool: Any) -> list[Any]:
+    """The connection records waiting in a QueuePool (sync or asyncio-adapted)."""
+    queue = getattr(pool, "_pool", None)
+    if queue is None:
+        return []
+    items = getattr(queue, "queue", None)  # sqlalchemy.util.queue.Queue: a deque
+    if items is None:  # AsyncAdaptedQueue wraps an asyncio.Queue, itself over a deque
+        items = getattr(getattr(queue, "_queue", None), "_queue", None)
+    return list(items or ())
 
 
 def _pool_figure(pool: Any, name: str) -> int | None:

@@ -185,6 +185,24 @@ def count_items(value: str) -> int:
     return int(_session().execute(query, {"v": value}).scalar_one())
 
 
+STATEMENTS = (
+    text("SELECT CAST(:a AS integer) + 1"),
+    text("SELECT count(*) FROM pg_class WHERE relpages > :a"),
+    text("SELECT now(), CAST(:a AS text)"),
+)
+
+
+@app.task
+def statements(rounds: int) -> int:
+    """Parameterised statements in transactions: psycopg prepares them after 5 uses."""
+    session = _session()
+    for i in range(rounds):
+        for statement in STATEMENTS:
+            session.execute(statement, {"a": i if statement is not STATEMENTS[2] else str(i)})
+        session.commit()
+    return rounds
+
+
 _leaked: list[Any] = []
 
 
@@ -236,6 +254,16 @@ if MODE == "lifeguard":
         assert guard is not None
         session = guard.session(async_engine)
         await session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+
+    @lifeguard.async_task(app)
+    async def async_statements(rounds: int) -> int:
+        """Parameterised statements in transactions: asyncpg prepares every one."""
+        for i in range(rounds):
+            async with async_engine.begin() as conn:
+                for statement in STATEMENTS:
+                    value = i if statement is not STATEMENTS[2] else str(i)
+                    await conn.execute(statement, {"a": value})
+        return rounds
 
 else:
 

@@ -1,0 +1,110 @@
+"""Scenarios: each fault a task can leave on a SQLAlchemy connection, then what the
+database shows.
+
+Every engine has a pool of one connection (no overflow): a connection that is not given
+back makes the next task fail, so "the next tasks succeed" proves it was given back.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .sqla_support import (
+    SqlaTasks,
+    SqlaWorkerFactory,
+    assert_clean,
+    running_sleeps,
+    sqla_tasks,
+    sqla_worker,
+)
+from .support import Database
+
+__all__ = ["sqla_tasks", "sqla_worker"]
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_soft_time_limit_mid_statement(
+    sqla_worker: SqlaWorkerFactory,
+    sqla_tasks: SqlaTasks,
+    test_db: Database,
+    prefix: str,
+    driver: str,
+) -> None:
+    sqla_worker(concurrency=1, driver=driver)
+    before = sqla_tasks.run("touch")
+
+    state, result = sqla_tasks.outcome("sleep_query", 3, soft_time_limit=1)
+
+    # The time-limit error itself, not "another command is already in progress".
+    assert state == "FAILURE"
+    assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
+    assert len(sqla_tasks.run_many("touch", 3)) == 3
+    assert running_sleeps(test_db, timeout=1.5) == []
+    assert_clean(test_db, prefix, 1)
+    if driver == "psycopg":  # psycopg2 can't be interrupted mid-statement: it finished
+        stats = sqla_tasks.run("guard_stats")
+        assert stats["process"]["queries_cancelled"] == 1
+        assert stats["process"]["connections_discarded"] == {"interrupted": 1}
+        assert sqla_tasks.run("touch")["backend"] != before["backend"]
+
+
+@pytest.mark.compat
+def test_soft_time_limit_inside_a_transaction_that_wrote(
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+) -> None:
+    sqla_worker(concurrency=1)
+    _, result = sqla_tasks.outcome("write_then_sleep", "interrupted-write", 3, soft_time_limit=1)
+
+    assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
+    assert sqla_tasks.run("count_items", "interrupted-write") == 0
+    assert running_sleeps(test_db, timeout=1.5) == []
+    assert_clean(test_db, prefix, 1)
+
+
+def test_stock_scoped_session_breaks_after_a_soft_time_limit(
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+) -> None:
+    """The failure lifeguard prevents: scoped_session + task_postrun remove() (E4)."""
+    sqla_worker(concurrency=1, mode="stock")
+    sqla_tasks.run("touch")
+    sqla_tasks.outcome("sleep_query", 3, soft_time_limit=1)
+
+    state, result = sqla_tasks.outcome("touch")
+    assert state == "FAILURE"
+    assert "QueuePool limit" in str(result), repr(result)
+    test_db.terminate(prefix)  # the stranded session: let the fixture see a clean end
+
+
+@pytest.mark.compat
+def test_exception_mid_transaction(
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+) -> None:
+    sqla_worker(concurrency=1)
+    first = sqla_tasks.run("touch")
+
+    state, result = sqla_tasks.outcome("write_then_fail", "failed-write")
+
+    assert state == "FAILURE" and isinstance(result, ValueError)
+    assert sqla_tasks.run("count_items", "failed-write") == 0
+    # Rolled back cleanly: the same server session goes on serving tasks.
+    assert sqla_tasks.run("touch")["backend"] == first["backend"]
+    assert_clean(test_db, prefix, 1)
+
+
+@pytest.mark.compat
+def test_task_that_leaks_a_checked_out_connection(
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+) -> None:
+    worker = sqla_worker(concurrency=1)
+
+    sqla_tasks.run("leak_connection", "leaked-write")
+
+    # The pool has one connection: the next tasks get it back, its write rolled back.
+    assert sqla_tasks.run("count_items", "leaked-write") == 0
+    assert len(sqla_tasks.run_many("touch", 3)) == 3
+    assert_clean(test_db, prefix, 1)
+    stats = sqla_tasks.run("guard_stats")["tasks"]["lifeguard.sandbox.sqla_app.leak_connection"]
+    assert stats["leaks_found"] == 1
+    assert stats["transactions_rolled_back"] == 1
+    assert "leak_connection ended with 1 connection(s)" in worker.log
