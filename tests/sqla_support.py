@@ -1,51 +1,25 @@
 """Fixtures for the SQLAlchemy and async-task scenarios: the sqla sandbox app's workers.
 
-Import the fixtures into a test module with ``from .sqla_support import *``-style names.
+conftest.py imports the fixtures, so every test module can use them.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from celery import Celery
 
 from lifeguard.sandbox.worker import CeleryWorker
 
-from .support import Database
+from .support import Database, SandboxTasks, stop_workers
 
 SQLA_APP = "lifeguard.sandbox.sqla_app"
 
 
-class SqlaTasks:
-    """Sends the sqla sandbox's tasks to one test's queue."""
-
-    def __init__(self, app: Celery, queue: str) -> None:
-        self.app = app
-        self.queue = queue
-
-    def send(self, name: str, *args: Any, **options: Any) -> Any:
-        return self.app.send_task(f"{SQLA_APP}.{name}", args=args, queue=self.queue, **options)
-
-    def run(self, name: str, *args: Any, timeout: float = 60, **options: Any) -> Any:
-        return self.send(name, *args, **options).get(timeout=timeout)
-
-    def run_many(self, name: str, n: int, *args: Any, timeout: float = 120) -> list[Any]:
-        results = [self.send(name, *args) for _ in range(n)]
-        return [result.get(timeout=timeout) for result in results]
-
-    def outcome(self, name: str, *args: Any, timeout: float = 60, **options: Any) -> Any:
-        """The task's state and result (or exception), without raising."""
-        result = self.send(name, *args, **options)
-        result.get(timeout=timeout, propagate=False)
-        return result.state, result.result
-
-
 @pytest.fixture
-def sqla_tasks(celery_client: Celery, prefix: str) -> SqlaTasks:
-    return SqlaTasks(celery_client, queue=f"q-{prefix}")
+def sqla_tasks(celery_client: Celery, prefix: str) -> SandboxTasks:
+    return SandboxTasks(celery_client, queue=f"q-{prefix}", module=SQLA_APP)
 
 
 SqlaWorkerFactory = Callable[..., CeleryWorker]
@@ -96,34 +70,4 @@ def sqla_worker(
         return worker
 
     yield start
-    for worker in started:
-        worker.stop()
-    failed = getattr(request.node, "rep_call", None)
-    for worker in started:
-        if failed is not None and failed.failed:
-            print(f"--- log of {worker.hostname} ---\n{worker.log[-8000:]}")
-    if started:
-        left = test_db.wait_for_no_backends(prefix)
-        assert left == [], f"sessions left behind after worker shutdown: {left}"
-
-
-def assert_clean(db: Database, prefix: str, most: int) -> None:
-    """At most ``most`` worker sessions; none idle in transaction; none running."""
-    backends = db.backends(prefix)
-    assert len(backends) <= most, backends
-    assert not [b for b in backends if b.state and b.state.startswith("idle in transaction")]
-    assert not [b for b in backends if b.state == "active"], backends
-
-
-def running_sleeps(db: Database, timeout: float = 5.0) -> list[tuple[Any, ...]]:
-    """``pg_sleep`` statements still running in the test database (waits for them to go)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = db.admin(
-            "SELECT pid, state, query FROM pg_stat_activity "
-            "WHERE datname = %s AND query ILIKE 'SELECT pg_sleep%%' AND state = 'active'",
-            [db.name],
-        )
-        if not rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+    stop_workers(started, request, test_db, prefix)

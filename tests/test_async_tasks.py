@@ -9,17 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .sqla_support import (
-    SqlaTasks,
-    SqlaWorkerFactory,
-    assert_clean,
-    running_sleeps,
-    sqla_tasks,
-    sqla_worker,
-)
-from .support import Database
-
-__all__ = ["sqla_tasks", "sqla_worker"]
+from .sqla_support import SqlaWorkerFactory
+from .support import Database, SandboxTasks, assert_clean
 
 
 @pytest.mark.compat
@@ -31,7 +22,7 @@ __all__ = ["sqla_tasks", "sqla_worker"]
 )
 def test_async_tasks_reuse_pooled_connections(
     sqla_worker: SqlaWorkerFactory,
-    sqla_tasks: SqlaTasks,
+    sqla_tasks: SandboxTasks,
     *,
     test_db: Database,
     prefix: str,
@@ -58,7 +49,7 @@ def test_async_tasks_reuse_pooled_connections(
 @pytest.mark.parametrize("async_driver", ["asyncpg", "psycopg"])
 def test_soft_time_limit_cancels_the_coroutine(
     sqla_worker: SqlaWorkerFactory,
-    sqla_tasks: SqlaTasks,
+    sqla_tasks: SandboxTasks,
     test_db: Database,
     prefix: str,
     async_driver: str,
@@ -72,7 +63,7 @@ def test_soft_time_limit_cancels_the_coroutine(
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
     # Same process, same loop, pool of one: the connection came back.
     assert len(sqla_tasks.run_many("async_touch", 3)) == 3
-    assert running_sleeps(test_db, timeout=1.5) == []
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
     assert_clean(test_db, prefix, 2)
     stats = sqla_tasks.run("guard_stats")["tasks"]["lifeguard.sandbox.sqla_app.async_sleep_query"]
     assert stats["connections_discarded"] == {"interrupted": 1}

@@ -22,10 +22,8 @@ import pytest
 
 from lifeguard.sandbox.postgres import _port_open, _run_as_user, free_port
 
-from .sqla_support import SqlaTasks, SqlaWorkerFactory, sqla_tasks, sqla_worker
-from .support import Database
-
-__all__ = ["sqla_tasks", "sqla_worker"]
+from .sqla_support import SqlaWorkerFactory
+from .support import Database, SandboxTasks
 
 PGBOUNCER = shutil.which("pgbouncer") or (
     "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
@@ -91,7 +89,7 @@ def pgbouncer(test_db: Database) -> Iterator[str]:
 
 @pytest.mark.parametrize("async_driver", ["asyncpg", "psycopg"])
 def test_transaction_mode_profile(
-    sqla_worker: SqlaWorkerFactory, pgbouncer: str, sqla_tasks: SqlaTasks, async_driver: str
+    sqla_worker: SqlaWorkerFactory, pgbouncer: str, sqla_tasks: SandboxTasks, async_driver: str
 ) -> None:
     sqla_worker(
         concurrency=3,

@@ -15,17 +15,15 @@ from sqlalchemy import create_engine, text
 import lifeguard
 from lifeguard.appname import application_name
 
-from .sqla_support import SqlaTasks, SqlaWorkerFactory, assert_clean, sqla_tasks, sqla_worker
-from .support import Database
-
-__all__ = ["sqla_tasks", "sqla_worker"]
+from .sqla_support import SqlaWorkerFactory
+from .support import Database, SandboxTasks, assert_clean
 
 
 @pytest.mark.compat
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_engines_used_by_the_main_process_before_fork(
     sqla_worker: SqlaWorkerFactory,
-    sqla_tasks: SqlaTasks,
+    sqla_tasks: SandboxTasks,
     test_db: Database,
     prefix: str,
     driver: str,
@@ -87,7 +85,7 @@ def test_a_connection_inherited_across_fork_is_never_used(test_db: Database, pre
 
 
 def test_application_name_set_by_the_user_is_kept(
-    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
 ) -> None:
     url = test_db.server.url(test_db.name, application_name=f"{prefix}:mine")
     sqla_worker(concurrency=1, db_url=url)

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from .sqla_support import (
-    SqlaTasks,
-    SqlaWorkerFactory,
-    assert_clean,
-    running_sleeps,
-    sqla_tasks,
-    sqla_worker,
-)
-from .support import Database
-
-__all__ = ["sqla_tasks", "sqla_worker"]
+from .sqla_support import SqlaWorkerFactory
+from .support import Database, SandboxTasks, assert_clean
 
 
 @pytest.mark.compat
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_soft_time_limit_mid_statement(
     sqla_worker: SqlaWorkerFactory,
-    sqla_tasks: SqlaTasks,
+    sqla_tasks: SandboxTasks,
     test_db: Database,
     prefix: str,
     driver: str,
@@ -40,7 +31,7 @@ def test_soft_time_limit_mid_statement(
     assert state == "FAILURE"
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
     assert len(sqla_tasks.run_many("touch", 3)) == 3
-    assert running_sleeps(test_db, timeout=1.5) == []
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
     assert_clean(test_db, prefix, 1)
     if driver == "psycopg":  # psycopg2 can't be interrupted mid-statement: it finished
         stats = sqla_tasks.run("guard_stats")
@@ -51,19 +42,19 @@ def test_soft_time_limit_mid_statement(
 
 @pytest.mark.compat
 def test_soft_time_limit_inside_a_transaction_that_wrote(
-    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
 ) -> None:
     sqla_worker(concurrency=1)
     _, result = sqla_tasks.outcome("write_then_sleep", "interrupted-write", 3, soft_time_limit=1)
 
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
     assert sqla_tasks.run("count_items", "interrupted-write") == 0
-    assert running_sleeps(test_db, timeout=1.5) == []
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
     assert_clean(test_db, prefix, 1)
 
 
 def test_stock_scoped_session_breaks_after_a_soft_time_limit(
-    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
 ) -> None:
     """The failure lifeguard prevents: scoped_session + task_postrun remove() (E4)."""
     sqla_worker(concurrency=1, mode="stock")
@@ -78,7 +69,7 @@ def test_stock_scoped_session_breaks_after_a_soft_time_limit(
 
 @pytest.mark.compat
 def test_exception_mid_transaction(
-    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
 ) -> None:
     sqla_worker(concurrency=1)
     first = sqla_tasks.run("touch")
@@ -94,7 +85,7 @@ def test_exception_mid_transaction(
 
 @pytest.mark.compat
 def test_task_that_leaks_a_checked_out_connection(
-    sqla_worker: SqlaWorkerFactory, sqla_tasks: SqlaTasks, test_db: Database, prefix: str
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
 ) -> None:
     worker = sqla_worker(concurrency=1)
 
