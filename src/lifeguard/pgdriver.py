@@ -129,6 +129,11 @@ class _Asyncpg:
     def backend_pid(self, conn: Any) -> int | None:
         return int(conn.get_server_pid()) or None
 
+    def rollback(self, conn: Any) -> None:
+        # asyncpg only rolls back from a coroutine: SQLAlchemy's pool reset does it on
+        # the event loop. Callers treat this like a failed rollback and close instead.
+        raise NotImplementedError("asyncpg rolls back on its event loop only")
+
     def send_cancel(self, conn: Any, timeout: float) -> None:
         """A CancelRequest on a new plain socket, as libpq's PQcancel sends it.
 
