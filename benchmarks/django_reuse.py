@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 
 from celery import Celery
-from celery.result import ResultSet
 
+from lifeguard.sandbox.bench import Measure, medians, production_like_server, timed_run
 from lifeguard.sandbox.django_project import TASKS, sandbox_worker
-from lifeguard.sandbox.postgres import EmbeddedPostgres, PostgresServer
+from lifeguard.sandbox.postgres import PostgresServer
 from lifeguard.sandbox.redis import find_redis
 
 POOL = '{"min_size": 1, "max_size": 2}'
@@ -57,12 +55,6 @@ CONFIGS = [
 ]
 
 
-@dataclass
-class Measure:
-    tasks_per_s: float
-    sessions: int
-
-
 def run_once(
     config: Config, server: PostgresServer, db_url: str, redis: str, *, n: int, concurrency: int
 ) -> Measure:
@@ -79,37 +71,10 @@ def run_once(
         quiet=True,
         concurrency=concurrency,
     )
-    before = server.session_count("bench")
-    worker.start()
     try:
-        name = f"{TASKS}.{config.task}"
-        # Warm up: children imported everything, first connections made.
-        ResultSet([client.send_task(name, queue=queue) for _ in range(20)]).join_native(timeout=120)
-        started = time.perf_counter()
-        results = ResultSet([client.send_task(name, queue=queue) for _ in range(n)])
-        results.join_native(timeout=600)
-        elapsed = time.perf_counter() - started
+        return timed_run(worker, client, f"{TASKS}.{config.task}", n=n, server=server)
     finally:
-        worker.stop()
         client.close()
-    time.sleep(0.5)
-    return Measure(tasks_per_s=n / elapsed, sessions=server.session_count("bench") - before)
-
-
-def start_server(plain: bool) -> tuple[EmbeddedPostgres, PostgresServer, str]:
-    password = uuid.uuid4().hex
-    embedded = EmbeddedPostgres(tls=False, password=password)
-    tls = not plain and embedded.supports_tls()
-    if not tls and not plain:
-        print("note: these PostgreSQL binaries have no TLS; measuring without it", file=sys.stderr)
-    embedded = EmbeddedPostgres(tls=tls, password=password)
-    server = embedded.start()
-    server.create_database("bench")
-    server.ensure_role("bench", "bench-password")
-    with server.admin("bench") as conn:
-        conn.execute("GRANT ALL ON SCHEMA public TO bench")
-    db_url = server.url("bench", user="bench", password="bench-password")
-    return embedded, server, db_url
 
 
 def main() -> None:
@@ -120,7 +85,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="no TLS")
     args = parser.parse_args()
 
-    embedded, server, db_url = start_server(args.plain)
+    embedded, server, db_url = production_like_server(plain=args.plain)
     redis = f"{find_redis()}/13"
     measures: dict[str, list[Measure]] = {c.label: [] for c in CONFIGS}
     try:
@@ -140,13 +105,7 @@ def main() -> None:
     finally:
         embedded.destroy()
 
-    med = {
-        label: (
-            statistics.median(m.tasks_per_s for m in ms),
-            statistics.median(m.sessions for m in ms),
-        )
-        for label, ms in measures.items()
-    }
+    med = {label: medians(ms) for label, ms in measures.items()}
     tls = "TLS + scram-sha-256" if server.tls else "plaintext + scram-sha-256"
     print(
         f"\nprefork, concurrency {args.concurrency}, {args.tasks} one-query tasks, "

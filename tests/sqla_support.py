@@ -6,15 +6,16 @@ conftest.py imports the fixtures, so every test module can use them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from celery import Celery
 
+from lifeguard.sandbox.sqla_worker import APP as SQLA_APP
+from lifeguard.sandbox.sqla_worker import sandbox_worker
 from lifeguard.sandbox.worker import CeleryWorker
 
 from .support import Database, SandboxTasks, stop_workers
-
-SQLA_APP = "lifeguard.sandbox.sqla_app"
 
 
 @pytest.fixture
@@ -33,36 +34,15 @@ def sqla_worker(
     backend of the test's prefix may remain."""
     started: list[CeleryWorker] = []
 
-    def start(
-        *,
-        pool: str = "prefork",
-        concurrency: int = 1,
-        mode: str = "lifeguard",
-        driver: str = "psycopg",
-        async_driver: str = "asyncpg",
-        pool_size: int = 1,
-        use_before_fork: bool = False,
-        db_url: str | None = None,
-        options: str = "{}",
-        start: bool = True,
-    ) -> CeleryWorker:
-        worker = CeleryWorker(
-            SQLA_APP,
-            pool=pool,
-            concurrency=concurrency,
+    def start(*, start: bool = True, db_url: str | None = None, **knobs: Any) -> CeleryWorker:
+        """Knobs of :func:`lifeguard.sandbox.sqla_worker.sandbox_worker`; one child by default."""
+        knobs.setdefault("concurrency", 1)
+        worker = sandbox_worker(
+            db_url=db_url or test_db.url,
+            broker_url=f"{redis_url}/14",
             queue=f"q-{prefix}",
-            env={
-                "LIFEGUARD_SANDBOX_DB_URL": db_url or test_db.url,
-                "LIFEGUARD_SANDBOX_BROKER_URL": f"{redis_url}/14",
-                "LIFEGUARD_SANDBOX_QUEUE": f"q-{prefix}",
-                "LIFEGUARD_SANDBOX_MODE": mode,
-                "LIFEGUARD_SANDBOX_PREFIX": prefix,
-                "LIFEGUARD_SANDBOX_DRIVER": driver,
-                "LIFEGUARD_SANDBOX_ASYNC_DRIVER": async_driver,
-                "LIFEGUARD_SANDBOX_POOL_SIZE": str(pool_size),
-                "LIFEGUARD_SANDBOX_USE_BEFORE_FORK": "1" if use_before_fork else "0",
-                "LIFEGUARD_SANDBOX_OPTIONS": options,
-            },
+            prefix=prefix,
+            **knobs,
         )
         started.append(worker)
         if start:

@@ -13,6 +13,9 @@ LIFEGUARD_SANDBOX_ASYNC_DRIVER  async driver: asyncpg (default) | psycopg
 LIFEGUARD_SANDBOX_POOL_SIZE     pool_size of both engines (default 1, no overflow)
 LIFEGUARD_SANDBOX_USE_BEFORE_FORK  1: both engines run a query at import (MainProcess)
 LIFEGUARD_SANDBOX_OPTIONS       JSON of lifeguard.install() options
+LIFEGUARD_SANDBOX_QUIET         set: no log line per task (benchmarks)
+
+Build workers with :func:`lifeguard.sandbox.sqla_worker.sandbox_worker`.
 
 Modes. ``lifeguard``: ``guard.session(engine)`` in sync tasks, ``lifeguard.AsyncTask`` with
 a pooled AsyncEngine for async ones. ``stock``: what guides recommend today, a
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 from typing import Any
@@ -80,6 +84,11 @@ app.conf.update(
     worker_prefetch_multiplier=4,
     worker_hijack_root_logger=False,
 )
+
+if os.environ.get("LIFEGUARD_SANDBOX_QUIET"):
+    # Benchmarks: no log line per task (the same saving for every configuration).
+    for _logger in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(_logger).setLevel(logging.WARNING)
 
 engine = create_engine(driver_url(DRIVER), connect_args=connect_args(DRIVER), **POOL)
 async_engine: AsyncEngine = create_async_engine(
