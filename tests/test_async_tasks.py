@@ -57,7 +57,7 @@ def test_soft_time_limit_cancels_the_coroutine(
     sqla_worker(concurrency=1, async_driver=async_driver)
     sqla_tasks.run("async_touch")
 
-    state, result = sqla_tasks.outcome("async_sleep_query", 3, soft_time_limit=1)
+    state, result = sqla_tasks.outcome("async_sleep_query", 6, soft_time_limit=1)
 
     assert state == "FAILURE"
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
@@ -72,6 +72,7 @@ def test_soft_time_limit_cancels_the_coroutine(
 @pytest.mark.parametrize("pool", ["gevent"])
 def test_green_pools_are_refused_at_worker_start(sqla_worker: SqlaWorkerFactory, pool: str) -> None:
     worker = sqla_worker(pool=pool, concurrency=4, start=False)
+    assert worker.pool == "gevent"
 
     assert worker.run_to_exit() == 78
     assert "async def tasks can't run under the gevent pool" in worker.log

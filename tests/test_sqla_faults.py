@@ -25,7 +25,7 @@ def test_soft_time_limit_mid_statement(
     sqla_worker(concurrency=1, driver=driver)
     before = sqla_tasks.run("touch")
 
-    state, result = sqla_tasks.outcome("sleep_query", 3, soft_time_limit=1)
+    state, result = sqla_tasks.outcome("sleep_query", 6, soft_time_limit=1)
 
     # The time-limit error itself, not "another command is already in progress".
     assert state == "FAILURE"
@@ -45,7 +45,7 @@ def test_soft_time_limit_inside_a_transaction_that_wrote(
     sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
 ) -> None:
     sqla_worker(concurrency=1)
-    _, result = sqla_tasks.outcome("write_then_sleep", "interrupted-write", 3, soft_time_limit=1)
+    _, result = sqla_tasks.outcome("write_then_sleep", "interrupted-write", 6, soft_time_limit=1)
 
     assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
     assert sqla_tasks.run("count_items", "interrupted-write") == 0
@@ -59,7 +59,7 @@ def test_stock_scoped_session_breaks_after_a_soft_time_limit(
     """The failure lifeguard prevents: scoped_session + task_postrun remove() (E4)."""
     sqla_worker(concurrency=1, mode="stock")
     sqla_tasks.run("touch")
-    sqla_tasks.outcome("sleep_query", 3, soft_time_limit=1)
+    sqla_tasks.outcome("sleep_query", 6, soft_time_limit=1)
 
     state, result = sqla_tasks.outcome("touch")
     assert state == "FAILURE"
@@ -99,3 +99,20 @@ def test_task_that_leaks_a_checked_out_connection(
     assert stats["leaks_found"] == 1
     assert stats["transactions_rolled_back"] == 1
     assert "leak_connection ended with 1 connection(s)" in worker.log
+
+
+def test_gevent_timeout_mid_statement(
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
+) -> None:
+    """gevent's hard limit is a gevent.Timeout (a BaseException) raised in the greenlet."""
+    sqla_worker(pool="gevent", concurrency=4, pool_size=2, async_tasks=False)
+    assert len(sqla_tasks.run_many("touch", 4)) == 4
+
+    state, result = sqla_tasks.outcome("sleep_query", 6, time_limit=1)
+
+    assert state == "FAILURE"
+    assert type(result).__name__ == "TimeLimitExceeded", repr(result)
+    assert len(sqla_tasks.run_many("touch", 4)) == 4
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
+    assert_clean(test_db, prefix, 2)
+    assert sqla_tasks.run("guard_stats")["process"]["queries_cancelled"] == 1

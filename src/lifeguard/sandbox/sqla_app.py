@@ -12,6 +12,7 @@ LIFEGUARD_SANDBOX_DRIVER        sync driver: psycopg (default) | psycopg2
 LIFEGUARD_SANDBOX_ASYNC_DRIVER  async driver: asyncpg (default) | psycopg
 LIFEGUARD_SANDBOX_POOL_SIZE     pool_size of both engines (default 1, no overflow)
 LIFEGUARD_SANDBOX_USE_BEFORE_FORK  1: both engines run a query at import (MainProcess)
+LIFEGUARD_SANDBOX_ASYNC_TASKS   0: define no async def task (for gevent workers)
 LIFEGUARD_SANDBOX_OPTIONS       JSON of lifeguard.install() options
 LIFEGUARD_SANDBOX_QUIET         set: no log line per task (benchmarks)
 
@@ -245,7 +246,7 @@ async def _async_backend() -> dict[str, Any]:
     }
 
 
-if MODE == "lifeguard":
+if MODE == "lifeguard" and os.environ.get("LIFEGUARD_SANDBOX_ASYNC_TASKS") != "0":
 
     @lifeguard.async_task(app)
     async def async_touch() -> dict[str, Any]:
@@ -274,7 +275,7 @@ if MODE == "lifeguard":
                     await conn.execute(statement, {"a": value})
         return rounds
 
-else:
+elif MODE == "stock":
 
     @app.task
     def async_one_query() -> int:

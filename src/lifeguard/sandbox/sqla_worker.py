@@ -24,6 +24,7 @@ def sandbox_worker(
     async_driver: str = "asyncpg",
     pool_size: int = 1,
     use_before_fork: bool = False,
+    async_tasks: bool = True,
     options: str = "{}",
     quiet: bool = False,
     pool: str = "prefork",
@@ -42,6 +43,7 @@ def sandbox_worker(
         "LIFEGUARD_SANDBOX_POOL_SIZE": str(pool_size),
         "LIFEGUARD_SANDBOX_USE_BEFORE_FORK": "1" if use_before_fork else "0",
         "LIFEGUARD_SANDBOX_OPTIONS": options,
+        "LIFEGUARD_SANDBOX_ASYNC_TASKS": "1" if async_tasks else "0",
         **({"LIFEGUARD_SANDBOX_QUIET": "1"} if quiet else {}),
         **(env or {}),
     }
