@@ -42,6 +42,10 @@ def test_async_tasks_reuse_pooled_connections(
     # Pool size 2: never more than two sessions per process, whatever the task count.
     assert all(len(b) <= 2 for b in backends_per_process.values()), backends_per_process
     assert sqla_tasks.run_many("async_one_query", 4) == [1] * 4
+    if kind != "prefork":  # one process: its counters saw every task, by task name
+        counted = sqla_tasks.run("guard_stats")["tasks"]["lifeguard.sandbox.sqla_app.async_touch"]
+        assert counted["connections_opened"] <= 2
+        assert counted["connections_opened"] + counted["connections_reused"] == 16
     assert_clean(test_db, prefix, 2 * concurrency * 2)
 
 
