@@ -325,19 +325,30 @@ def abandon_inherited(conn: Any) -> None:
     """Forget a connection inherited from the parent process without any network I/O.
 
     Closing it normally would send Terminate (and a TLS close_notify) on a socket the
-    parent still uses, killing the parent's session. Only the file descriptor is closed.
+    parent still uses, killing the parent's session. Only this process's descriptor is
+    let go: it is pointed at /dev/null rather than closed, so its number is not reused
+    while the object holds it, and a destructor that still runs (at interpreter exit)
+    writes nowhere. Also used for connections of this process whose event loop is gone.
     """
     adapter = adapter_for(conn)
     try:
         if adapter is not None and not adapter.is_closed(conn):
-            import os
-
-            os.close(adapter.fileno(conn))
+            _point_at_devnull(adapter.fileno(conn))
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     except Exception:
         logger.debug("could not close an inherited socket", exc_info=True)
     _inherited.append(conn)
+
+
+def _point_at_devnull(fd: int) -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd, inheritable=False)  # the socket loses this reference, silently
+    finally:
+        os.close(devnull)
 
 
 def keep_forever(obj: Any) -> None:

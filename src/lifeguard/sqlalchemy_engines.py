@@ -315,11 +315,11 @@ class SqlAlchemyEngines(Hook):
             record.dbapi_connection = fairy.dbapi_connection = None
             self._count_discard(INHERITED, self._task_name())
             raise DisconnectionError(f"lifeguard: connection inherited from process {owner}")
+        new = record.info.pop(_NEW, False)
         lifecycle = self.guard.lifecycle
         if not lifecycle.in_task_process:
             self._note_main_process_use(managed)
             return
-        new = record.info.pop(_NEW, False)
         if not new:
             problem = self._reuse_problem(record)
             if problem is not None:
