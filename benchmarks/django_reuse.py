@@ -20,18 +20,13 @@ New server sessions come from pg_stat_database.sessions, read after the worker s
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import uuid
 from dataclasses import dataclass
 
-from celery import Celery
-
-from lifeguard.sandbox.bench import Measure, medians, production_like_server, timed_run
+from lifeguard.sandbox.bench import run_benchmark
 from lifeguard.sandbox.django_project import TASKS, sandbox_worker
-from lifeguard.sandbox.postgres import PostgresServer
-from lifeguard.sandbox.redis import find_redis
+from lifeguard.sandbox.worker import CeleryWorker
 
 POOL = '{"min_size": 1, "max_size": 2}'
 
@@ -55,15 +50,11 @@ CONFIGS = [
 ]
 
 
-def run_once(
-    config: Config, server: PostgresServer, db_url: str, redis: str, *, n: int, concurrency: int
-) -> Measure:
-    queue = f"bench-{uuid.uuid4().hex[:8]}"
-    client = Celery("bench", broker=redis, backend=redis)
+def build(config: Config, db_url: str, redis: str, concurrency: int) -> tuple[CeleryWorker, str]:
     worker = sandbox_worker(
         db_url=db_url,
         broker_url=redis,
-        queue=queue,
+        queue=f"bench-{uuid.uuid4().hex[:8]}",
         mode=config.mode,
         prefix="bench",
         conn_max_age=config.conn_max_age,
@@ -71,42 +62,12 @@ def run_once(
         quiet=True,
         concurrency=concurrency,
     )
-    try:
-        return timed_run(worker, client, f"{TASKS}.{config.task}", n=n, server=server)
-    finally:
-        client.close()
+    return worker, f"{TASKS}.{config.task}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--plain", action="store_true", help="no TLS")
-    args = parser.parse_args()
-
-    embedded, server, db_url = production_like_server(plain=args.plain)
-    redis = f"{find_redis()}/13"
-    measures: dict[str, list[Measure]] = {c.label: [] for c in CONFIGS}
-    try:
-        for round_no in range(args.runs):
-            order = CONFIGS[round_no % len(CONFIGS) :] + CONFIGS[: round_no % len(CONFIGS)]
-            for config in order:
-                m = run_once(
-                    config, server, db_url, redis, n=args.tasks, concurrency=args.concurrency
-                )
-                measures[config.label].append(m)
-                print(
-                    f"round {round_no + 1}: {config.label:<36} {m.tasks_per_s:7.1f} tasks/s "
-                    f"{m.sessions:6d} sessions",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        embedded.destroy()
-
-    med = {label: medians(ms) for label, ms in measures.items()}
-    tls = "TLS + scram-sha-256" if server.tls else "plaintext + scram-sha-256"
+    results = run_benchmark(__doc__.split("\n")[0], CONFIGS, build)
+    args, med, tls = results.args, results.medians, results.tls
     print(
         f"\nprefork, concurrency {args.concurrency}, {args.tasks} one-query tasks, "
         f"PostgreSQL over {tls}, median of {args.runs} runs\n"

@@ -12,8 +12,9 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .postgres import EmbeddedPostgres, PostgresServer
 from .worker import CeleryWorker
@@ -81,3 +82,78 @@ def medians(measures: Iterable[Measure]) -> tuple[float, float]:
         statistics.median(m.tasks_per_s for m in listed),
         statistics.median(m.sessions for m in listed),
     )
+
+
+def parse_args(description: str) -> Any:
+    """The options every benchmark takes: --tasks, --runs, --concurrency, --plain."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--plain", action="store_true", help="no TLS")
+    return parser.parse_args()
+
+
+def interleaved_rounds(
+    configs: Sequence[Any], runs: int, measure: Callable[[Any], Measure]
+) -> dict[str, list[Measure]]:
+    """Measure every config (anything with a ``label``) once per round, starting each
+    round one config further so no config always runs first; progress on stderr."""
+    measures: dict[str, list[Measure]] = {c.label: [] for c in configs}
+    width = max(len(c.label) for c in configs) + 2
+    for round_no in range(runs):
+        shift = round_no % len(configs)
+        for config in [*configs[shift:], *configs[:shift]]:
+            m = measure(config)
+            measures[config.label].append(m)
+            print(
+                f"round {round_no + 1}: {config.label:<{width}} {m.tasks_per_s:7.1f} tasks/s "
+                f"{m.sessions:6d} sessions",
+                file=sys.stderr,
+                flush=True,
+            )
+    return measures
+
+
+@dataclass
+class Results:
+    args: Any  # the parsed command line
+    tls: str  # how the server was reached, for the table's caption
+    medians: dict[str, tuple[float, float]]  # label -> (tasks/s, new sessions)
+
+
+WorkerBuilder = Callable[[Any, str, str, int], tuple[CeleryWorker, str]]
+
+
+def run_benchmark(description: str, configs: Sequence[Any], build: WorkerBuilder) -> Results:
+    """The whole measurement: command line, server, interleaved rounds, medians.
+
+    ``build(config, db_url, broker_url, concurrency)`` returns a not yet started worker
+    on a queue of its own and the name of the task to time.
+    """
+    import uuid as _uuid
+
+    from celery import Celery
+
+    from .redis import find_redis
+
+    args = parse_args(description)
+    embedded, server, db_url = production_like_server(plain=args.plain)
+    redis = f"{find_redis()}/13"
+
+    def measure(config: Any) -> Measure:
+        client = Celery(f"bench-{_uuid.uuid4().hex[:6]}", broker=redis, backend=redis)
+        worker, task = build(config, db_url, redis, args.concurrency)
+        try:
+            return timed_run(worker, client, task, n=args.tasks, server=server)
+        finally:
+            client.close()
+
+    try:
+        measures = interleaved_rounds(configs, args.runs, measure)
+    finally:
+        embedded.destroy()
+    tls = "TLS + scram-sha-256" if server.tls else "plaintext + scram-sha-256"
+    return Results(args, tls, {label: medians(ms) for label, ms in measures.items()})
