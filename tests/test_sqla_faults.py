@@ -116,3 +116,36 @@ def test_gevent_timeout_mid_statement(
     assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
     assert_clean(test_db, prefix, 2)
     assert sqla_tasks.run("guard_stats")["process"]["queries_cancelled"] == 1
+
+
+def test_soft_time_limit_in_a_raw_driver_call(
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
+) -> None:
+    """The statement escaped handle_error: the pool's reset event catches it at checkin."""
+    sqla_worker()
+
+    state, result = sqla_tasks.outcome("raw_sleep_query", 6, soft_time_limit=1)
+
+    assert state == "FAILURE"
+    assert type(result).__name__ == "SoftTimeLimitExceeded", repr(result)
+    assert len(sqla_tasks.run_many("touch", 3)) == 3
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
+    assert_clean(test_db, prefix, 1)
+    assert sqla_tasks.run("guard_stats")["process"]["queries_cancelled"] == 1
+
+
+def test_threads_pool_sessions_and_leaks_per_task(
+    sqla_worker: SqlaWorkerFactory, sqla_tasks: SandboxTasks, test_db: Database, prefix: str
+) -> None:
+    """Concurrent tasks in one process: each has its own session, leaks are the leaker's."""
+    sqla_worker(pool="threads", concurrency=2, pool_size=2)
+    assert len(sqla_tasks.run_many("touch", 8)) == 8
+
+    sqla_tasks.run("leak_connection", "leaked-in-thread")
+
+    assert sqla_tasks.run("count_items", "leaked-in-thread") == 0
+    assert len(sqla_tasks.run_many("touch", 8)) == 8
+    assert_clean(test_db, prefix, 2)
+    tasks = sqla_tasks.run("guard_stats")["tasks"]
+    assert tasks["lifeguard.sandbox.sqla_app.leak_connection"]["leaks_found"] == 1
+    assert "leaks_found" not in tasks["lifeguard.sandbox.sqla_app.touch"]

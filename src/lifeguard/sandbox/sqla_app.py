@@ -166,6 +166,15 @@ def sleep_query(seconds: float) -> None:
 
 
 @app.task
+def raw_sleep_query(seconds: float) -> None:
+    """A long statement through the driver connection itself, bypassing SQLAlchemy's
+    error handling; the connection goes back to the pool while still running it."""
+    with engine.connect() as conn:
+        driver: Any = conn.connection.driver_connection
+        driver.cursor().execute(f"SELECT pg_sleep({float(seconds)})")
+
+
+@app.task
 def write_then_sleep(value: str, seconds: float) -> None:
     """Interrupted inside a transaction that has written."""
     session = _session()
