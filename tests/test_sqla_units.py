@@ -84,7 +84,7 @@ def test_add_engine_accepts_engines_and_factories(guard: lifeguard.Lifeguard) ->
     ]
     with pytest.raises(ConfigurationError, match="Engine, an AsyncEngine"):
         guard.add_engine("postgresql://app@db/prod")
-    with pytest.raises(ConfigurationError, match="must return an Engine"):
+    with pytest.raises(ConfigurationError, match="expected a SQLAlchemy Engine or AsyncEngine"):
         guard.add_engine(lambda: "not an engine")()
 
 

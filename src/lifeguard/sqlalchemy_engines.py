@@ -26,10 +26,9 @@ import asyncio
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import pgdriver
@@ -93,7 +92,6 @@ class _Checkout:
     fairy: weakref.ReferenceType[Any]
     managed: ManagedEngine
     run: TaskRun | None
-    since: float = field(default_factory=time.monotonic)
 
 
 class LazyEngine:
@@ -168,8 +166,8 @@ class SqlAlchemyEngines(Hook):
     def register(self, engine: Any) -> ManagedEngine:
         if not _is_engine(engine):
             raise ConfigurationError(
-                f"the engine factory returned {engine!r}; it must return an Engine or "
-                "an AsyncEngine"
+                f"lifeguard expected a SQLAlchemy Engine or AsyncEngine (from guard.session() "
+                f"or an engine factory), got {engine!r}"
             )
         sync_engine = getattr(engine, "sync_engine", engine)
         with self._lock:
@@ -184,13 +182,6 @@ class SqlAlchemyEngines(Hook):
             self.engines.append(managed)
         self._listen(managed)
         return managed
-
-    def managed(self, engine: Any) -> ManagedEngine | None:
-        sync_engine = getattr(engine, "sync_engine", engine)
-        for managed in self.engines:
-            if managed.engine is sync_engine:
-                return managed
-        return None
 
     def _listen(self, managed: ManagedEngine) -> None:
         from sqlalchemy import event
@@ -255,8 +246,9 @@ class SqlAlchemyEngines(Hook):
 
         A sync engine gets a real close (this process owns them). An async engine's
         connections may belong to a loop that is gone (``asyncio.run`` at import), where
-        a polite close fails: their sockets are closed at the descriptor level instead,
-        which the server sees as an ordinary disconnect of an idle session.
+        a polite close fails: their sockets are let go at the descriptor level instead
+        (:func:`pgdriver.abandon_inherited`), which the server sees as an ordinary
+        disconnect of an idle session.
         """
         try:
             if managed.is_async:
@@ -280,9 +272,9 @@ class SqlAlchemyEngines(Hook):
     def _abandon_pool(self, managed: ManagedEngine) -> None:
         """Give this process a fresh pool; forget the old one's connections without I/O.
 
-        ``dispose(close=False)`` is SQLAlchemy's documented way; closing the sockets at
-        the file-descriptor level and keeping the old pool alive means no destructor
-        ever sends a Terminate on the parent's session.
+        ``dispose(close=False)`` is SQLAlchemy's documented way; letting the sockets go at
+        the descriptor level and keeping the old pool alive means no destructor ever
+        sends a Terminate on the parent's session.
         """
         old_pool = managed.engine.pool
         for record in _idle_records(old_pool):
