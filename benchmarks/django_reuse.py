@@ -20,20 +20,13 @@ New server sessions come from pg_stat_database.sessions, read after the worker s
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 
-from celery import Celery
-from celery.result import ResultSet
-
+from lifeguard.sandbox.bench import run_benchmark
 from lifeguard.sandbox.django_project import TASKS, sandbox_worker
-from lifeguard.sandbox.postgres import EmbeddedPostgres, PostgresServer
-from lifeguard.sandbox.redis import find_redis
+from lifeguard.sandbox.worker import CeleryWorker
 
 POOL = '{"min_size": 1, "max_size": 2}'
 
@@ -57,21 +50,11 @@ CONFIGS = [
 ]
 
 
-@dataclass
-class Measure:
-    tasks_per_s: float
-    sessions: int
-
-
-def run_once(
-    config: Config, server: PostgresServer, db_url: str, redis: str, *, n: int, concurrency: int
-) -> Measure:
-    queue = f"bench-{uuid.uuid4().hex[:8]}"
-    client = Celery("bench", broker=redis, backend=redis)
+def build(config: Config, db_url: str, redis: str, concurrency: int) -> tuple[CeleryWorker, str]:
     worker = sandbox_worker(
         db_url=db_url,
         broker_url=redis,
-        queue=queue,
+        queue=f"bench-{uuid.uuid4().hex[:8]}",
         mode=config.mode,
         prefix="bench",
         conn_max_age=config.conn_max_age,
@@ -79,75 +62,12 @@ def run_once(
         quiet=True,
         concurrency=concurrency,
     )
-    before = server.session_count("bench")
-    worker.start()
-    try:
-        name = f"{TASKS}.{config.task}"
-        # Warm up: children imported everything, first connections made.
-        ResultSet([client.send_task(name, queue=queue) for _ in range(20)]).join_native(timeout=120)
-        started = time.perf_counter()
-        results = ResultSet([client.send_task(name, queue=queue) for _ in range(n)])
-        results.join_native(timeout=600)
-        elapsed = time.perf_counter() - started
-    finally:
-        worker.stop()
-        client.close()
-    time.sleep(0.5)
-    return Measure(tasks_per_s=n / elapsed, sessions=server.session_count("bench") - before)
-
-
-def start_server(plain: bool) -> tuple[EmbeddedPostgres, PostgresServer, str]:
-    password = uuid.uuid4().hex
-    embedded = EmbeddedPostgres(tls=False, password=password)
-    tls = not plain and embedded.supports_tls()
-    if not tls and not plain:
-        print("note: these PostgreSQL binaries have no TLS; measuring without it", file=sys.stderr)
-    embedded = EmbeddedPostgres(tls=tls, password=password)
-    server = embedded.start()
-    server.create_database("bench")
-    server.ensure_role("bench", "bench-password")
-    with server.admin("bench") as conn:
-        conn.execute("GRANT ALL ON SCHEMA public TO bench")
-    db_url = server.url("bench", user="bench", password="bench-password")
-    return embedded, server, db_url
+    return worker, f"{TASKS}.{config.task}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--plain", action="store_true", help="no TLS")
-    args = parser.parse_args()
-
-    embedded, server, db_url = start_server(args.plain)
-    redis = f"{find_redis()}/13"
-    measures: dict[str, list[Measure]] = {c.label: [] for c in CONFIGS}
-    try:
-        for round_no in range(args.runs):
-            order = CONFIGS[round_no % len(CONFIGS) :] + CONFIGS[: round_no % len(CONFIGS)]
-            for config in order:
-                m = run_once(
-                    config, server, db_url, redis, n=args.tasks, concurrency=args.concurrency
-                )
-                measures[config.label].append(m)
-                print(
-                    f"round {round_no + 1}: {config.label:<36} {m.tasks_per_s:7.1f} tasks/s "
-                    f"{m.sessions:6d} sessions",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        embedded.destroy()
-
-    med = {
-        label: (
-            statistics.median(m.tasks_per_s for m in ms),
-            statistics.median(m.sessions for m in ms),
-        )
-        for label, ms in measures.items()
-    }
-    tls = "TLS + scram-sha-256" if server.tls else "plaintext + scram-sha-256"
+    results = run_benchmark(__doc__.split("\n")[0], CONFIGS, build)
+    args, med, tls = results.args, results.medians, results.tls
     print(
         f"\nprefork, concurrency {args.concurrency}, {args.tasks} one-query tasks, "
         f"PostgreSQL over {tls}, median of {args.runs} runs\n"

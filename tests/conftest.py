@@ -18,7 +18,8 @@ from lifeguard.sandbox.postgres import PostgresServer, find_postgres
 from lifeguard.sandbox.redis import find_redis
 from lifeguard.sandbox.worker import CeleryWorker
 
-from .support import Database, SandboxTasks
+from .sqla_support import sqla_tasks, sqla_worker  # noqa: F401  (fixtures)
+from .support import Database, SandboxTasks, stop_workers
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +98,7 @@ def sandbox_worker(
         return worker
 
     yield start
-    for worker in started:
-        worker.stop()
-    failed = getattr(request.node, "rep_call", None)
-    for worker in started:
-        if failed is not None and failed.failed:
-            print(f"--- log of {worker.hostname} ---\n{worker.log[-6000:]}")
-    if started:
-        left = test_db.wait_for_no_backends(prefix)
-        assert left == [], f"sessions left behind after worker shutdown: {left}"
+    stop_workers(started, request, test_db, prefix)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from lifeguard.sandbox.django_project import TASKS
 from lifeguard.sandbox.postgres import PostgresServer
 
@@ -88,12 +90,13 @@ class Database:
 class SandboxTasks:
     """Sends the sandbox's tasks to one test's queue and collects what they return."""
 
-    def __init__(self, app: Any, queue: str) -> None:
+    def __init__(self, app: Any, queue: str, module: str = TASKS) -> None:
         self.app = app
         self.queue = queue
+        self.module = module  # where the tasks are defined: their names start so
 
     def send(self, name: str, *args: Any, **options: Any) -> Any:
-        return self.app.send_task(f"{TASKS}.{name}", args=args, queue=self.queue, **options)
+        return self.app.send_task(f"{self.module}.{name}", args=args, queue=self.queue, **options)
 
     def run(self, name: str, *args: Any, timeout: float = 60, **options: Any) -> Any:
         return self.send(name, *args, **options).get(timeout=timeout)
@@ -107,3 +110,27 @@ class SandboxTasks:
         result = self.send(name, *args, **options)
         result.get(timeout=timeout, propagate=False)
         return result.state, result.result
+
+
+def stop_workers(
+    started: list[Any], request: pytest.FixtureRequest, db: Database, prefix: str
+) -> None:
+    """Stop a test's workers, show their logs if it failed, and check that no session of
+    the test's prefix is left: a worker that shuts down leaves zero sessions behind."""
+    for worker in started:
+        worker.stop()
+    failed = getattr(request.node, "rep_call", None)
+    for worker in started:
+        if failed is not None and failed.failed:
+            print(f"--- log of {worker.hostname} ---\n{worker.log[-6000:]}")
+    if started:
+        left = db.wait_for_no_backends(prefix)
+        assert left == [], f"sessions left behind after worker shutdown: {left}"
+
+
+def assert_clean(db: Database, prefix: str, most: int) -> None:
+    """At most ``most`` worker sessions; none idle in transaction; none still running."""
+    backends = db.backends(prefix)
+    assert len(backends) <= most, backends
+    assert not [b for b in backends if b.state and b.state.startswith("idle in transaction")]
+    assert not [b for b in backends if b.state == "active"], backends

@@ -12,16 +12,9 @@ import time
 import celery
 import pytest
 
-from .support import Database, SandboxTasks
+from .support import Database, SandboxTasks, assert_clean
 
 CELERY_56_PLUS = tuple(int(x) for x in celery.__version__.split(".")[:2]) >= (5, 6)
-
-
-def assert_clean(db: Database, prefix: str, concurrency: int) -> None:
-    backends = db.backends(prefix)
-    assert len(backends) <= concurrency, backends
-    assert not [b for b in backends if b.state and b.state.startswith("idle in transaction")]
-    assert not [b for b in backends if b.state == "active"], backends
 
 
 @pytest.mark.compat

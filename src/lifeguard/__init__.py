@@ -8,6 +8,7 @@ One line in the module that creates the Celery app::
 
 from __future__ import annotations
 
+from .async_task import AsyncTask, async_task
 from .errors import ConfigurationError, LifeguardError
 from .guard import Lifeguard, current_guard, install
 from .hooks import Hook, OutcomeKind, PoolKind, TaskOutcome, TaskRun, WorkerInfo
@@ -15,6 +16,7 @@ from .hooks import Hook, OutcomeKind, PoolKind, TaskOutcome, TaskRun, WorkerInfo
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncTask",
     "ConfigurationError",
     "Hook",
     "Lifeguard",
@@ -25,6 +27,7 @@ __all__ = [
     "TaskRun",
     "WorkerInfo",
     "__version__",
+    "async_task",
     "current_guard",
     "install",
 ]

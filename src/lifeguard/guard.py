@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import Any, TypeVar
 
 from .hooks import Hook
 from .lifecycle import Lifecycle
@@ -12,6 +12,8 @@ from .options import Options, options_from_conf
 from .stats import Stats
 
 logger = logging.getLogger("lifeguard")
+
+_H = TypeVar("_H", bound=Hook)
 
 _guards: weakref.WeakKeyDictionary[Any, Lifeguard] = weakref.WeakKeyDictionary()
 
@@ -28,12 +30,20 @@ class Lifeguard:
         self.hooks: list[Hook] = []
         self.lifecycle = Lifecycle(self)
         from .django_connections import DjangoConnections
+        from .event_loop import EventLoop
         from .memory import MemoryWatchdog
         from .metrics import WorkerMetrics
+        from .sqlalchemy_engines import SqlAlchemyEngines
+        from .sqlalchemy_sessions import TaskSessions
 
         # Metrics first: hooks leave in reverse order, so its after_task sees every count.
         self.add_hook(WorkerMetrics())
         self.add_hook(DjangoConnections())
+        # On the way out hooks run in reverse: sessions close before the leak sweep, and
+        # async engines are disposed on the event loop before it closes.
+        self.event_loop: EventLoop = self.add_hook(EventLoop())
+        self.sqlalchemy: SqlAlchemyEngines = self.add_hook(SqlAlchemyEngines(self.event_loop))
+        self.sessions: TaskSessions = self.add_hook(TaskSessions(self.sqlalchemy, self.event_loop))
         # Last in, first out: its task phases sit closest to the task body, so the RSS
         # delta it measures is the task's, not the other concerns' cleanup.
         self.add_hook(MemoryWatchdog())
@@ -47,7 +57,31 @@ class Lifeguard:
         from_conf = options_from_conf(conf, getattr(self.app, "namespace", None))
         self.options = Options.resolve(self._arguments, from_conf)
 
-    def add_hook(self, hook: Hook) -> Hook:
+    # --- SQLAlchemy and async tasks ------------------------------------------------------
+
+    def add_engine(self, engine: Any) -> Any:
+        """Manage a SQLAlchemy ``Engine`` or ``AsyncEngine`` in the worker; returns it.
+
+        Given a function that builds an engine instead, returns a callable that builds
+        it on first use and returns that same engine afterwards. See docs/sqlalchemy.md.
+        """
+        return self.sqlalchemy.add_engine(engine)
+
+    def session(self, engine: Any) -> Any:
+        """The current task's ``Session`` (``AsyncSession`` for an ``AsyncEngine``) on
+        ``engine``: the same object within a task, rolled back and closed at its end."""
+        return self.sessions.session(engine)
+
+    def scoped_session(self, factory: Any) -> Any:
+        """A ``scoped_session`` (or ``async_scoped_session``) of ``factory`` whose scope
+        is the current task; lifeguard closes and removes it at every task's end."""
+        return self.sessions.scoped_session(factory)
+
+    def run_async(self, coro: Any) -> Any:
+        """Run a coroutine on this process's event loop from synchronous task code."""
+        return self.event_loop.run(coro)
+
+    def add_hook(self, hook: _H) -> _H:
         """Add a concern; it receives every worker phase from now on."""
         hook.bind(self)
         self.hooks.append(hook)

@@ -28,6 +28,7 @@ task: lifeguard must not make a task fail.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -70,6 +71,10 @@ class Lifecycle:
         self.worker: WorkerInfo | None = None
         self._process_pid: int | None = None
         self._local = threading.local()
+        # The run of an async task's coroutine, which may execute on the loop's thread.
+        self._context_run: contextvars.ContextVar[TaskRun | None] = contextvars.ContextVar(
+            f"lifeguard_run_{id(guard)}", default=None
+        )
         self._runs: dict[int, TaskRun] = {}
         self._runs_lock = threading.Lock()
         self._uid = f"lifeguard-{id(guard)}"
@@ -126,8 +131,14 @@ class Lifecycle:
         return bool(unit.is_alive())
 
     def current_run(self) -> TaskRun | None:
-        """The task running in this thread or greenlet, if any."""
-        return getattr(self._local, "run", None)
+        """The task running in this thread or greenlet (or this asyncio task), if any."""
+        run: TaskRun | None = getattr(self._local, "run", None)
+        return run if run is not None else self._context_run.get()
+
+    def adopt_run(self, run: TaskRun | None) -> None:
+        """Make ``run`` current in this context: called by an async task's coroutine,
+        which may run on the event loop's thread rather than the task's."""
+        self._context_run.set(run)
 
     def active_runs(self) -> list[TaskRun]:
         """Every task running in this process now (several under threads/gevent)."""

@@ -220,7 +220,10 @@ class Options:
         "before the next task uses it; None never pings (the cheap checks still run).",
     )
     cancel_timeout: float = _option(
-        5.0, _seconds, "Seconds to wait for the server to accept a query cancel request."
+        5.0,
+        _seconds,
+        "Seconds to wait for the server to accept a query cancel request, and for an "
+        "async task cancelled by a soft time limit to finish its cleanup.",
     )
     # --- Django ------------------------------------------------------------------
     django: bool | None = _option(
@@ -302,6 +305,16 @@ class Options:
     )
     memory_leak_sites_frames: int = _option(
         1, _task_count, "Frames of traceback tracemalloc keeps per allocation (more is slower)."
+    )
+
+    # --- SQLAlchemy ---------------------------------------------------------------
+    pgbouncer_transaction_mode: bool = _option(
+        False,
+        _to_bool,
+        "Connections of engines registered with guard.add_engine() go through PgBouncer "
+        "in transaction mode: turn off server-side prepared statements (asyncpg: "
+        "statement_cache_size=0, prepared_statement_cache_size=0; psycopg: "
+        "prepare_threshold=None).",
     )
 
     @classmethod

@@ -1,6 +1,7 @@
 """Driver-level checks on a PostgreSQL DB-API connection, shared by every integration.
 
-Django and SQLAlchemy both hand us a raw driver connection (psycopg 3 or psycopg2).
+Django and SQLAlchemy both hand us a raw driver connection (psycopg 3, psycopg2, or
+asyncpg under SQLAlchemy's asyncio extension).
 Whether it can be reused is decided here, from signals that cost no round trip:
 
 * the libpq transaction status: ``ACTIVE`` means a query was interrupted mid-flight
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import logging
 import select
 from collections.abc import Callable
@@ -73,7 +75,8 @@ class _Psycopg3:
 
     def send_cancel(self, conn: Any, timeout: float) -> None:
         cancel_safe = getattr(conn, "cancel_safe", None)  # psycopg >= 3.2
-        if cancel_safe is not None:
+        # AsyncConnection.cancel_safe is a coroutine; its blocking cancel() serves here.
+        if cancel_safe is not None and not inspect.iscoroutinefunction(cancel_safe):
             cancel_safe(timeout=timeout)
         else:
             conn.cancel()
@@ -106,6 +109,53 @@ class _Psycopg2:
             conn.rollback()
 
 
+class _Asyncpg:
+    """asyncpg keeps its protocol state in Cython; what it exposes is enough for the
+    cheap checks. A statement in flight is not visible (no ``ACTIVE``): asyncpg cancels
+    it by itself when the awaiting coroutine is cancelled, which is how lifeguard
+    interrupts async tasks."""
+
+    def is_closed(self, conn: Any) -> bool:
+        return bool(conn.is_closed())
+
+    def transaction_status(self, conn: Any) -> TransactionStatus:
+        if conn.is_in_transaction():
+            return TransactionStatus.INTRANS
+        return TransactionStatus.IDLE
+
+    def fileno(self, conn: Any) -> int:
+        return int(conn._transport.get_extra_info("socket").fileno())
+
+    def backend_pid(self, conn: Any) -> int | None:
+        return int(conn.get_server_pid()) or None
+
+    def rollback(self, conn: Any) -> None:
+        # asyncpg only rolls back from a coroutine: SQLAlchemy's pool reset does it on
+        # the event loop. Callers treat this like a failed rollback and close instead.
+        raise NotImplementedError("asyncpg rolls back on its event loop only")
+
+    def send_cancel(self, conn: Any, timeout: float) -> None:
+        """A CancelRequest on a new plain socket, as libpq's PQcancel sends it.
+
+        Cancel requests are read before authentication and TLS negotiation is
+        optional for them, so this works against ``hostssl``-only servers too.
+        """
+        import socket
+        import struct
+
+        protocol = conn._protocol
+        message = struct.pack("!llll", 16, 80877102, protocol.backend_pid, protocol.backend_secret)
+        address = conn._addr
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        if not isinstance(address, str) and ":" in str(address[0]):
+            family = socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(address if isinstance(address, str) else tuple(address[:2]))
+            sock.sendall(message)
+            sock.recv(1)  # the server closes the socket once it has read the request
+
+
 _ADAPTERS: dict[type, DriverAdapter | None] = {}
 _EXTRA_ADAPTERS: list[tuple[Callable[[type], bool], DriverAdapter]] = []
 
@@ -129,6 +179,8 @@ def adapter_for(conn: Any) -> DriverAdapter | None:
         found = _Psycopg2()
     elif module.startswith("psycopg"):
         found = _Psycopg3()
+    elif module.startswith("asyncpg"):
+        found = _Asyncpg()
     else:
         for match, adapter in _EXTRA_ADAPTERS:
             if match(kind):
@@ -273,19 +325,30 @@ def abandon_inherited(conn: Any) -> None:
     """Forget a connection inherited from the parent process without any network I/O.
 
     Closing it normally would send Terminate (and a TLS close_notify) on a socket the
-    parent still uses, killing the parent's session. Only the file descriptor is closed.
+    parent still uses, killing the parent's session. Only this process's descriptor is
+    let go: it is pointed at /dev/null rather than closed, so its number is not reused
+    while the object holds it, and a destructor that still runs (at interpreter exit)
+    writes nowhere. Also used for connections of this process whose event loop is gone.
     """
     adapter = adapter_for(conn)
     try:
         if adapter is not None and not adapter.is_closed(conn):
-            import os
-
-            os.close(adapter.fileno(conn))
+            _point_at_devnull(adapter.fileno(conn))
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     except Exception:
         logger.debug("could not close an inherited socket", exc_info=True)
     _inherited.append(conn)
+
+
+def _point_at_devnull(fd: int) -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd, inheritable=False)  # the socket loses this reference, silently
+    finally:
+        os.close(devnull)
 
 
 def keep_forever(obj: Any) -> None:

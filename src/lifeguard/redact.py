@@ -38,3 +38,11 @@ def describe_django_database(alias: str, settings_dict: Mapping[str, Any]) -> st
     where = f"{host}:{port}" if port else str(host)
     who = f"{user}@" if user else ""
     return f"{alias} ({who}{where}/{name})"
+
+
+def describe_sqlalchemy_url(url: Any) -> str:
+    """A SQLAlchemy ``URL`` (or URL string) for log lines, password masked."""
+    render = getattr(url, "render_as_string", None)
+    if render is not None:
+        return str(render(hide_password=True))
+    return redact_url(str(url))
