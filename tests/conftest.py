@@ -19,7 +19,7 @@ from lifeguard.sandbox.redis import find_redis
 from lifeguard.sandbox.worker import CeleryWorker
 
 from .sqla_support import sqla_tasks, sqla_worker  # noqa: F401  (fixtures)
-from .support import Database, SandboxTasks, stop_workers
+from .support import Database, SandboxTasks, worker_fixture
 
 
 @pytest.fixture(scope="session")
@@ -60,45 +60,18 @@ def sandbox_worker(
     After the stop, no backend of the test's prefix may remain: a worker that shuts
     down leaves zero sessions behind, in every scenario.
     """
-    started: list[CeleryWorker] = []
-    queue = f"q-{prefix}"
-
-    def start(
-        *,
-        pool: str = "prefork",
-        concurrency: int = 2,
-        mode: str = "lifeguard",
-        conn_max_age: str = "600",
-        db_url: str | None = None,
-        driver: str = "psycopg",
-        native_pool: str = "",
-        options: str = "{}",
-        args: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-        start: bool = True,
-    ) -> CeleryWorker:
-        worker = django_sandbox_worker(
-            db_url=db_url or test_db.url,
-            broker_url=f"{redis_url}/14",
-            queue=queue,
-            mode=mode,
-            prefix=prefix,
-            conn_max_age=conn_max_age,
-            native_pool=native_pool,
-            driver=driver,
-            options=options,
-            pool=pool,
-            concurrency=concurrency,
-            args=args,
-            env=env,
-        )
-        started.append(worker)
-        if start:
-            worker.start()
-        return worker
-
-    yield start
-    stop_workers(started, request, test_db, prefix)
+    yield from worker_fixture(
+        django_sandbox_worker,
+        {
+            "db_url": test_db.url,
+            "broker_url": f"{redis_url}/14",
+            "queue": f"q-{prefix}",
+            "prefix": prefix,
+        },
+        request,
+        test_db,
+        prefix,
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

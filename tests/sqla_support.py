@@ -6,7 +6,6 @@ conftest.py imports the fixtures, so every test module can use them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from celery import Celery
@@ -15,7 +14,7 @@ from lifeguard.sandbox.sqla_worker import APP as SQLA_APP
 from lifeguard.sandbox.sqla_worker import sandbox_worker
 from lifeguard.sandbox.worker import CeleryWorker
 
-from .support import Database, SandboxTasks, stop_workers
+from .support import Database, SandboxTasks, worker_fixture
 
 
 @pytest.fixture
@@ -32,22 +31,16 @@ def sqla_worker(
 ) -> Iterator[SqlaWorkerFactory]:
     """Start sqla sandbox workers; each is stopped at the end of the test, after which no
     backend of the test's prefix may remain."""
-    started: list[CeleryWorker] = []
-
-    def start(*, start: bool = True, db_url: str | None = None, **knobs: Any) -> CeleryWorker:
-        """Knobs of :func:`lifeguard.sandbox.sqla_worker.sandbox_worker`; one child by default."""
-        knobs.setdefault("concurrency", 1)
-        worker = sandbox_worker(
-            db_url=db_url or test_db.url,
-            broker_url=f"{redis_url}/14",
-            queue=f"q-{prefix}",
-            prefix=prefix,
-            **knobs,
-        )
-        started.append(worker)
-        if start:
-            worker.start()
-        return worker
-
-    yield start
-    stop_workers(started, request, test_db, prefix)
+    yield from worker_fixture(
+        sandbox_worker,
+        {
+            "db_url": test_db.url,
+            "broker_url": f"{redis_url}/14",
+            "queue": f"q-{prefix}",
+            "prefix": prefix,
+            "concurrency": 1,
+        },
+        request,
+        test_db,
+        prefix,
+    )

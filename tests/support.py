@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,29 @@ class SandboxTasks:
         result = self.send(name, *args, **options)
         result.get(timeout=timeout, propagate=False)
         return result.state, result.result
+
+
+def worker_fixture(
+    build: Callable[..., Any],
+    defaults: dict[str, Any],
+    request: pytest.FixtureRequest,
+    db: Database,
+    prefix: str,
+) -> Iterator[Callable[..., Any]]:
+    """The body of a worker-factory fixture: ``start(**knobs)`` builds a worker with
+    ``build(**defaults, **knobs)`` and starts it (unless ``start=False``); at the end
+    every worker is stopped and the test's sessions must all be gone."""
+    started: list[Any] = []
+
+    def start(*, start: bool = True, **knobs: Any) -> Any:
+        worker = build(**{**defaults, **{k: v for k, v in knobs.items() if v is not None}})
+        started.append(worker)
+        if start:
+            worker.start()
+        return worker
+
+    yield start
+    stop_workers(started, request, db, prefix)
 
 
 def stop_workers(

@@ -652,11 +652,6 @@ def _unit_label(unit: Any) -> str:
 
 
 _EXPLANATIONS = {
-    Problem.CLOSED.value: "it was already closed",
-    Problem.INTERRUPTED.value: "a query was interrupted mid-flight (cancelled it on the server)",
-    Problem.IN_TRANSACTION.value: "the task left a transaction open (rolled back)",
-    Problem.FAILED_TRANSACTION.value: "the task left a failed transaction open (rolled back)",
-    Problem.SERVER_CLOSED.value: "the server closed it (terminated or timed out while idle)",
     ATOMIC_BLOCK: "the task ended inside an atomic() block",
     AUTOCOMMIT_CHANGED: "the task changed autocommit",
     ERRORS_OCCURRED: "a database error occurred on it",
@@ -669,4 +664,4 @@ _EXPLANATIONS = {
 
 
 def _explain(reason: str) -> str:
-    return _EXPLANATIONS.get(reason, reason)
+    return pgdriver.explain(reason, _EXPLANATIONS)

@@ -49,6 +49,26 @@ class Problem(str, enum.Enum):
     UNKNOWN_DRIVER = "unknown_driver"
 
 
+_PROBLEM_EXPLANATIONS = {
+    Problem.CLOSED: "it was already closed",
+    Problem.INTERRUPTED: "a statement was interrupted mid-flight (cancelled on the server)",
+    Problem.IN_TRANSACTION: "a transaction was left open (rolled back)",
+    Problem.FAILED_TRANSACTION: "a failed transaction was left open (rolled back)",
+    Problem.SERVER_CLOSED: "the server closed it (terminated or timed out while idle)",
+    Problem.UNKNOWN_DRIVER: "lifeguard does not know its driver",
+}
+
+
+def explain(reason: str, own: dict[str, str]) -> str:
+    """A discard reason in words: an integration's ``own`` reasons, else a Problem's."""
+    if reason in own:
+        return own[reason]
+    try:
+        return _PROBLEM_EXPLANATIONS[Problem(reason)]
+    except ValueError:
+        return reason
+
+
 class DriverAdapter(Protocol):
     """What lifeguard needs from a driver; one implementation per driver."""
 
@@ -157,13 +177,6 @@ class _Asyncpg:
 
 
 _ADAPTERS: dict[type, DriverAdapter | None] = {}
-_EXTRA_ADAPTERS: list[tuple[Callable[[type], bool], DriverAdapter]] = []
-
-
-def register_adapter(match: Callable[[type], bool], adapter: DriverAdapter) -> None:
-    """Teach lifeguard another driver (used for asyncpg by the async integration)."""
-    _EXTRA_ADAPTERS.append((match, adapter))
-    _ADAPTERS.clear()
 
 
 def adapter_for(conn: Any) -> DriverAdapter | None:
@@ -181,11 +194,6 @@ def adapter_for(conn: Any) -> DriverAdapter | None:
         found = _Psycopg3()
     elif module.startswith("asyncpg"):
         found = _Asyncpg()
-    else:
-        for match, adapter in _EXTRA_ADAPTERS:
-            if match(kind):
-                found = adapter
-                break
     _ADAPTERS[kind] = found
     return found
 

@@ -614,11 +614,6 @@ def _application_name_given(cargs: Any, cparams: dict[str, Any]) -> bool:
 
 
 _EXPLANATIONS = {
-    Problem.CLOSED.value: "it was already closed",
-    Problem.INTERRUPTED.value: "a statement was interrupted mid-flight (cancelled on the server)",
-    Problem.IN_TRANSACTION.value: "it was returned inside a transaction",
-    Problem.FAILED_TRANSACTION.value: "it was returned inside a failed transaction",
-    Problem.SERVER_CLOSED.value: "the server closed it (terminated or timed out while idle)",
     INHERITED: "it was inherited from the parent process (left untouched for the parent)",
     DISCONNECT: "SQLAlchemy saw it fail (a disconnect error)",
     INVALIDATED: "the application invalidated it",
@@ -628,4 +623,4 @@ _EXPLANATIONS = {
 
 
 def _explain(reason: str) -> str:
-    return _EXPLANATIONS.get(reason, reason)
+    return pgdriver.explain(reason, _EXPLANATIONS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .worker import CeleryWorker
+from .worker import CeleryWorker, sandbox_settings
 
 APP = "lifeguard.sandbox.sqla_app"
 
@@ -32,19 +32,19 @@ def sandbox_worker(
     env: Mapping[str, str] | None = None,
 ) -> CeleryWorker:
     """A (not yet started) worker of the sqla sandbox; see sqla_app.py for the knobs."""
-    settings = {
-        "LIFEGUARD_SANDBOX_DB_URL": db_url,
-        "LIFEGUARD_SANDBOX_BROKER_URL": broker_url,
-        "LIFEGUARD_SANDBOX_QUEUE": queue,
-        "LIFEGUARD_SANDBOX_MODE": mode,
-        "LIFEGUARD_SANDBOX_PREFIX": prefix,
-        "LIFEGUARD_SANDBOX_DRIVER": driver,
-        "LIFEGUARD_SANDBOX_ASYNC_DRIVER": async_driver,
-        "LIFEGUARD_SANDBOX_POOL_SIZE": str(pool_size),
-        "LIFEGUARD_SANDBOX_USE_BEFORE_FORK": "1" if use_before_fork else "0",
-        "LIFEGUARD_SANDBOX_OPTIONS": options,
-        "LIFEGUARD_SANDBOX_ASYNC_TASKS": "1" if async_tasks else "0",
-        **({"LIFEGUARD_SANDBOX_QUIET": "1"} if quiet else {}),
-        **(env or {}),
-    }
+    settings = sandbox_settings(
+        db_url=db_url,
+        broker_url=broker_url,
+        queue=queue,
+        mode=mode,
+        prefix=prefix,
+        options=options,
+        quiet=quiet,
+        driver=driver,
+        async_driver=async_driver,
+        pool_size=str(pool_size),
+        use_before_fork="1" if use_before_fork else "0",
+        async_tasks="1" if async_tasks else "0",
+    )
+    settings.update(env or {})
     return CeleryWorker(APP, pool=pool, concurrency=concurrency, queue=queue, env=settings)

@@ -18,6 +18,32 @@ class WorkerFailedToStart(RuntimeError):
     pass
 
 
+def sandbox_settings(
+    *,
+    db_url: str,
+    broker_url: str,
+    queue: str,
+    mode: str,
+    prefix: str,
+    options: str,
+    quiet: bool,
+    **more: str,
+) -> dict[str, str]:
+    """The ``LIFEGUARD_SANDBOX_*`` variables every sandbox app reads, plus its own."""
+    settings = {
+        "LIFEGUARD_SANDBOX_DB_URL": db_url,
+        "LIFEGUARD_SANDBOX_BROKER_URL": broker_url,
+        "LIFEGUARD_SANDBOX_QUEUE": queue,
+        "LIFEGUARD_SANDBOX_MODE": mode,
+        "LIFEGUARD_SANDBOX_PREFIX": prefix,
+        "LIFEGUARD_SANDBOX_OPTIONS": options,
+        **{f"LIFEGUARD_SANDBOX_{name.upper()}": value for name, value in more.items()},
+    }
+    if quiet:
+        settings["LIFEGUARD_SANDBOX_QUIET"] = "1"
+    return settings
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of a process (the prefork pool's workers)."""
     found: list[int] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..worker import CeleryWorker
+from ..worker import CeleryWorker, sandbox_settings
 
 APP = "lifeguard.sandbox.django_project.celery_app"
 TASKS = "lifeguard.sandbox.django_project.tasks"
@@ -33,19 +33,19 @@ def sandbox_worker(
     env: Mapping[str, str] | None = None,
 ) -> CeleryWorker:
     """A (not yet started) worker of the sandbox project; see settings.py for the knobs."""
-    settings = {
-        "LIFEGUARD_SANDBOX_DB_URL": db_url,
-        "LIFEGUARD_SANDBOX_BROKER_URL": broker_url,
-        "LIFEGUARD_SANDBOX_QUEUE": queue,
-        "LIFEGUARD_SANDBOX_MODE": mode,
-        "LIFEGUARD_SANDBOX_PREFIX": prefix,
-        "LIFEGUARD_SANDBOX_CONN_MAX_AGE": conn_max_age,
-        "LIFEGUARD_SANDBOX_POOL": native_pool,
-        "LIFEGUARD_SANDBOX_DRIVER": driver,
-        "LIFEGUARD_SANDBOX_OPTIONS": options,
-        **({"LIFEGUARD_SANDBOX_QUIET": "1"} if quiet else {}),
-        **(env or {}),
-    }
+    settings = sandbox_settings(
+        db_url=db_url,
+        broker_url=broker_url,
+        queue=queue,
+        mode=mode,
+        prefix=prefix,
+        options=options,
+        quiet=quiet,
+        conn_max_age=conn_max_age,
+        pool=native_pool,
+        driver=driver,
+    )
+    settings.update(env or {})
     return CeleryWorker(
         APP, pool=pool, concurrency=concurrency, queue=queue, env=settings, args=args
     )
