@@ -124,3 +124,29 @@ def test_outcome_kinds():
     assert TaskOutcome("FAILURE", SoftTimeLimitExceeded()).kind is OutcomeKind.SOFT_TIME_LIMIT
     assert TaskOutcome("SUCCESS").kind is OutcomeKind.SUCCESS
     assert TaskOutcome("RETRY").kind is OutcomeKind.RETRY
+
+
+def test_core_imports_without_the_optional_dependencies():
+    """Django, SQLAlchemy, the drivers and prometheus_client are extras, never required."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+class Block:
+    blocked = ("django", "sqlalchemy", "psycopg", "psycopg2", "psycopg_pool", "asyncpg",
+               "prometheus_client", "gevent", "psutil")
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Block())
+from celery import Celery
+import lifeguard
+guard = lifeguard.install(Celery("core-only"), memory_growth_limit="300MiB")
+print(sorted(guard.options.describe())[:2], guard.stats()["process"])
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "{}" in result.stdout
