@@ -155,3 +155,14 @@ def driver() -> str:
 def task_class(self: Any) -> list[str]:
     """The task's class hierarchy: Celery's fixup makes it a DjangoTask."""
     return [cls.__name__ for cls in type(self).__mro__]
+
+
+# What the leaking task keeps forever, like a cache that never forgets.
+LEAKED: list[bytes] = []
+
+
+@shared_task
+def leak(mib: float) -> dict[str, Any]:
+    """Keeps ``mib`` MiB (every page written) for the life of the process."""
+    LEAKED.append(b"\x01" * int(mib * 1024 * 1024))
+    return {"worker_pid": os.getpid(), "leaked_mib": len(LEAKED) * mib}
