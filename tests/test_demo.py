@@ -41,7 +41,8 @@ def test_demo_runs_to_the_end_with_no_services_given(fresh_env: Path, tmp_path: 
         [
             str(fresh_env / "bin" / "python"),
             "-c",
-            "import pathlib, pgserver; print(pathlib.Path(pgserver.__file__).parent / 'pginstall' / 'bin')",
+            "import pathlib, pgserver; "
+            "print(pathlib.Path(pgserver.__file__).parent / 'pginstall' / 'bin')",
         ],
         check=True,
         capture_output=True,
