@@ -185,10 +185,15 @@ def one_line_error(exc: BaseException, target: DatabaseTarget) -> str:
     return text
 
 
-def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
+def connect(
+    target: DatabaseTarget, timeout: float = 5.0, *, session_statement_timeout: bool = True
+) -> Any:
     """An autocommit DB-API connection (psycopg 3, else psycopg2) for the monitor.
 
     Its queries time out after ``timeout`` seconds too: a monitor must never hang.
+    ``session_statement_timeout=False`` sets nothing on the session (the caller uses
+    ``SET LOCAL``): behind a pooler in transaction mode a session ``SET`` stays on a
+    server connection that other clients get next.
     """
     keywords = dict(target.keywords)
     keywords["connect_timeout"] = str(max(1, round(timeout)))
@@ -197,8 +202,9 @@ def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
     try:
         conn = module.connect(target.dsn, **keywords)
         conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"SET statement_timeout = {int(timeout * 1000)}")
+        if session_statement_timeout:
+            with conn.cursor() as cur:
+                cur.execute(f"SET statement_timeout = {int(timeout * 1000)}")
     except module.Error as exc:
         raise DatabaseUnreachable(
             f"cannot connect to {target}: {one_line_error(exc, target)}"
