@@ -541,3 +541,31 @@ def test_a_clean_django_project_passes_manage_py_check():
 
     assert run.exit_code == 0
     assert "System check identified no issues" in run.stdout
+
+
+def test_a_worker_starts_with_the_check_app_installed(redis_url: str, prefix: str):
+    # Celery's Django fixup runs the system checks while the worker imports its task
+    # modules; lifeguard's check imports them too, and must neither recurse nor stop
+    # the worker.
+    from celery import Celery
+
+    from lifeguard.sandbox.worker import CeleryWorker
+
+    from .doctor_support import ROOT
+
+    queue = f"q-{prefix}"
+    settings = {
+        "CELERY_BROKER_URL": f"{redis_url}/14",
+        "CELERY_RESULT_BACKEND": f"{redis_url}/14",
+        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "CELERY_LIFEGUARD_APPLICATION_NAME_PREFIX": prefix,
+    }
+    env = {"DOCTOR_SETTINGS": json.dumps(settings), "DOCTOR_DATABASE": '{"CONN_MAX_AGE": 0}'}
+    client = Celery("doctor-client", broker=f"{redis_url}/14", backend=f"{redis_url}/14")
+    with CeleryWorker(
+        "tests.doctor_apps.djproj", concurrency=1, queue=queue, env=env, cwd=ROOT
+    ) as worker:
+        result = client.send_task("tests.doctor_apps.djproj.tasks.send_mail", queue=queue)
+        assert result.get(timeout=30) is None
+    assert "lifeguard: managing Django connections" in worker.log
+    assert "RecursionError" not in worker.log

@@ -521,16 +521,39 @@ def connect_params(engine: Any) -> dict[str, Any] | None:
 # --- memory --------------------------------------------------------------------------------
 
 
-def estimate_birth_rss() -> int | None:
-    """This process's RSS once Celery's worker modules are imported too: about what a
-    worker's MainProcess holds before it forks, so what every prefork child starts with."""
+#: What a worker's MainProcess has imported before it forks, besides the app.
+_WORKER_MODULES = (
+    "celery.apps.worker",
+    "celery.worker.consumer",
+    "celery.worker.strategy",
+    "celery.app.trace",
+    "celery.concurrency.prefork",
+)
+
+
+def estimate_birth_rss(app: Any, django: tuple[DjangoAlias, ...] | None) -> int | None:
+    """This process's RSS once it holds what a worker's MainProcess holds before it
+    forks: the app, Celery's worker modules, the broker transport and result backend
+    modules, and the Django database backends (lifeguard looks at every alias at worker
+    start). Only imports: nothing connects. Every prefork child starts with about that."""
     import importlib
 
-    for module in ("celery.worker", "celery.worker.consumer", "celery.concurrency.prefork"):
-        try:
+    from celery.app.backends import by_url
+
+    for module in _WORKER_MODULES:
+        with contextlib.suppress(Exception):
             importlib.import_module(module)
-        except Exception:
-            continue
+    with contextlib.suppress(Exception):
+        app.connection_for_write().get_transport_cls()
+    with contextlib.suppress(Exception):
+        if app.conf.result_backend:
+            by_url(app.conf.result_backend, app.loader)
+    if django:
+        with contextlib.suppress(Exception):
+            from django.db import connections
+
+            for alias in django:
+                _ = connections[alias.alias].vendor  # imports the backend and its driver
     from ..memory import read_rss_once
 
     return read_rss_once()
@@ -588,6 +611,7 @@ def gather(
     guard = current_guard(app)
     options, options_error = resolve_options(guard)
     worker = worker_shape(app.conf, **shape)
+    django = django_aliases()
     return DoctorContext(
         app=app,
         app_name=app_name,
@@ -598,9 +622,9 @@ def gather(
         shape=worker,
         assume_shape=assume_shape,
         tasks=task_infos(app),
-        django=django_aliases(),
+        django=django,
         django_psycopg3=_django_uses_psycopg3(),
         engines=engine_infos(guard),
-        birth_rss=estimate_birth_rss() if measure_rss else None,
+        birth_rss=estimate_birth_rss(app, django) if measure_rss else None,
         pgbouncer_mode=pgbouncer_mode,
     )

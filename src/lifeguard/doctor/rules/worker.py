@@ -156,12 +156,9 @@ def _celery_limit(
     if limit > birth * HEADROOM:
         return
     name = ctx.spelled("worker_max_memory_per_child") if source == "app.conf" else source
-    units = ""
-    if kib < 64 * KIB:
-        units = (
-            f" The value is in KiB: {kib} means {_mib(limit)}. If you meant {kib} MB, "
-            f"write {kib * KIB}."
-        )
+    units = f" The value is in KiB: {kib} means {_mib(limit)}."
+    if kib < 16 * KIB:  # a number of megabytes, most likely
+        units += f" If you meant {kib} MB, write {kib * KIB}."
     suggest_kib = _round_up_mib(birth + 256 * MIB) // KIB
     if limit <= birth:
         level = Level.CRITICAL
@@ -228,8 +225,8 @@ def acks_late_without_decision(ctx: DoctorContext) -> Iterator[Finding]:
         and not ctx.conf_set("task_retry_on_worker_lost")
     )
     retry = (
-        " or, on Celery 5.7+, task_retry_on_worker_lost = True (sent again like a retry, "
-        "bounded by max_retries)"
+        f" or {ctx.spelled('task_retry_on_worker_lost')} = True (Celery 5.7+: sent again "
+        "like a retry, bounded by max_retries)"
         if "task_retry_on_worker_lost" in ctx.conf
         else ""
     )
@@ -287,13 +284,14 @@ def prefetch_with_long_tasks(ctx: DoctorContext) -> Iterator[Finding]:
     long_tasks: list[TaskInfo] = [task for task in ctx.tasks if task.long or task.acks_late]
     if not long_tasks:
         return
-    shape = ctx.require_concurrency()
-    reserved = (
-        "every message in the queue (0: no limit)"
-        if multiplier == 0
-        else f"{multiplier} x {shape.concurrency.value} = "
-        f"{multiplier * int(shape.concurrency.value)} messages per worker"
-    )
+    shape = ctx.shape
+    if multiplier == 0:
+        reserved = "every message in the queue (0: no limit)"
+    elif shape.concurrency_known or ctx.assume_shape:
+        concurrency = int(shape.concurrency.value)
+        reserved = f"{multiplier} x {concurrency} = {multiplier * concurrency} messages per worker"
+    else:
+        reserved = f"{multiplier} x its concurrency messages"
     kinds = []
     if any(task.long for task in long_tasks):
         kinds.append(f"time limits of {LONG_TASK_SECONDS:.0f} s or more")
