@@ -189,7 +189,11 @@ def summary_lines(ctx: DoctorContext) -> list[str]:
         + (f", {shape.web_processes} web process(es)" if shape.web_processes else "")
     ]
     for alias in ctx.postgres_aliases():
-        pool = f", pool {dict(alias.pool)}" if alias.pool is not None else ""
+        pool = (
+            f", native pool min_size {alias.pool_min_size} max_size {alias.pool_max_size}"
+            if alias.pool is not None
+            else ""
+        )
         age = "None" if alias.conn_max_age is None else f"{alias.conn_max_age:g}"
         lines.append(f"Django {alias.description}: CONN_MAX_AGE={age}{pool}")
     for engine in ctx.all_engines():
@@ -214,7 +218,7 @@ def summary_lines(ctx: DoctorContext) -> list[str]:
         lines.append(
             f"database: {server.target} as role {snap.role}: PostgreSQL {version}, "
             f"{snap.usable_slots} usable connection slots of {snap.max_connections}, "
-            f"{snap.server_backends} in use{via}"
+            f"{snap.server_backends} client backend(s) now{via}"
         )
     budget = budget_of(ctx)
     if budget is not None:
