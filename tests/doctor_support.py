@@ -17,6 +17,8 @@ from typing import Any
 
 from lifeguard.sandbox.postgres import PostgresServer
 
+from .monitor_support import role as login_role
+
 ROOT = Path(__file__).resolve().parent.parent
 APPS = "tests.doctor_apps"
 
@@ -76,22 +78,17 @@ def doctor(
     """``lifeguard doctor -A tests.doctor_apps.<app> <args> [--json]``."""
     command = [sys.executable, "-c", "from lifeguard.cli import main; main()", "doctor"]
     command += ["-A", f"{APPS}.{app}", *args] + (["--json"] if as_json else [])
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        env=_environment(env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return DoctorRun(result.returncode, result.stdout, result.stderr)
+    return _run(command, env)
 
 
 def manage_check(*args: str, env: dict[str, str] | None = None) -> DoctorRun:
     """``django-admin check`` of the doctor's Django project."""
     command = [sys.executable, "-m", "django", "check", *args]
     command += ["--settings", f"{APPS}.djproj.settings"]
+    return _run(command, env)
+
+
+def _run(command: list[str], env: dict[str, str] | None) -> DoctorRun:
     result = subprocess.run(
         command,
         cwd=ROOT,
@@ -108,20 +105,13 @@ def manage_check(*args: str, env: dict[str, str] | None = None) -> DoctorRun:
 def role(server: PostgresServer, name: str, database: str, **settings: str) -> Iterator[str]:
     """A login role whose sessions in ``database`` get ``settings`` (ALTER ROLE ... IN
     DATABASE ... SET): the server's own configuration is never touched. Dropped after."""
-    with server.admin() as conn:
-        conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-        conn.execute(f'CREATE ROLE "{name}" LOGIN')
-        for key, value in settings.items():
-            conn.execute(f'ALTER ROLE "{name}" IN DATABASE "{database}" SET {key} = \'{value}\'')
-    try:
-        yield name
-    finally:
+    with login_role(server, name) as created:
         with server.admin() as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-                [name],
-            )
-            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+            for key, value in settings.items():
+                conn.execute(
+                    f'ALTER ROLE "{created}" IN DATABASE "{database}" SET {key} = \'{value}\''
+                )
+        yield created
 
 
 def usable_slots(server: PostgresServer) -> int:

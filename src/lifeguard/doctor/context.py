@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..hooks import PoolKind
+from ..monitor.target import django_databases
 from ..options import Options
 from ..redact import describe_django_database, describe_sqlalchemy_url
 from .registry import Skip
@@ -399,16 +400,9 @@ def django_aliases() -> tuple[DjangoAlias, ...] | None:
     """The PostgreSQL aliases of Django's DATABASES; None when Django isn't configured."""
     if "django" not in sys.modules and not os.environ.get("DJANGO_SETTINGS_MODULE"):
         return None
-    try:
-        from django.conf import settings
-    except ImportError:
+    databases = django_databases()
+    if databases is None:
         return None
-    if not (settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE")):
-        return None
-    try:
-        databases: Mapping[str, Mapping[str, Any]] = settings.DATABASES
-    except Exception as exc:
-        raise ConfigurationError(f"cannot read Django's DATABASES setting: {exc}") from exc
     aliases = []
     for alias, entry in databases.items():
         if "postg" not in str(entry.get("ENGINE", "")):

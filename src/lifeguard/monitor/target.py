@@ -82,8 +82,8 @@ def from_url(url: str, source: str) -> DatabaseTarget:
     return DatabaseTarget(dsn=url, where=redact_url(url), source=source)
 
 
-def from_django(alias: str = "default") -> DatabaseTarget | None:
-    """The target of Django's ``DATABASES[alias]``, or None when Django isn't configured."""
+def django_databases() -> Mapping[str, Mapping[str, Any]] | None:
+    """Django's ``DATABASES``, or None when Django isn't installed or configured."""
     try:
         from django.conf import settings
     except ImportError:
@@ -91,9 +91,17 @@ def from_django(alias: str = "default") -> DatabaseTarget | None:
     if not (settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE")):
         return None
     try:
-        databases = settings.DATABASES
+        databases: Mapping[str, Mapping[str, Any]] = settings.DATABASES
     except Exception as exc:  # ImproperlyConfigured, ImportError of the settings module
         raise ConfigurationError(f"cannot read Django's DATABASES setting: {exc}") from exc
+    return databases
+
+
+def from_django(alias: str = "default") -> DatabaseTarget | None:
+    """The target of Django's ``DATABASES[alias]``, or None when Django isn't configured."""
+    databases = django_databases()
+    if databases is None:
+        return None
     if alias not in databases:
         raise ConfigurationError(
             f"Django's DATABASES has no alias {alias!r} (aliases: {sorted(databases)}): "
