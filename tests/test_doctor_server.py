@@ -129,38 +129,38 @@ def test_client_keepalives_make_up_for_the_servers(doctor_db: Database, roles: d
 # --- idle_session_timeout -----------------------------------------------------------------
 
 
+THREADS_POOL = {"CONN_MAX_AGE": 0, "OPTIONS": {"pool": {"min_size": 1, "max_size": 8}}}
+
+
 @pytest.mark.parametrize(
-    ("env", "args", "level", "named"),
+    ("database", "stock", "level", "named"),
     [
         # lifeguard keeps a connection as long as CONN_MAX_AGE=None allows, and replaces
         # one the server closed before a task uses it.
-        ({"CONN_MAX_AGE": None}, [], "info", "replaced"),
-        # Stock Celery keeps Django's native pool under threads, and checks nothing.
-        (
-            {"CONN_MAX_AGE": 0, "OPTIONS": {"pool": {"min_size": 1, "max_size": 8}}},
-            ["--pool", "threads", "-c", "8"],
-            "warning",
-            "fails",
-        ),
+        ({"CONN_MAX_AGE": None}, False, "info", "replaced"),
+        # Stock Celery keeps Django's native pool under threads, and checks nothing...
+        (THREADS_POOL, True, "warning", "fails"),
+        # ... unless CONN_HEALTH_CHECKS makes the pool check each connection it hands out.
+        ({**THREADS_POOL, "CONN_HEALTH_CHECKS": True}, True, "info", "replaced"),
     ],
 )
 def test_idle_session_timeout_against_kept_django_connections(
     doctor_db: Database,
     roles: dict[str, str],
     *,
-    env: dict[str, Any],
-    args: list[str],
+    database: dict[str, Any],
+    stock: bool,
     level: str,
     named: str,
 ):
-    environment = django_env(doctor_db, roles["idle"], **env)
-    if level == "warning":
+    environment = django_env(doctor_db, roles["idle"], **database)
+    if stock:
         environment["DOCTOR_LIFEGUARD"] = "0"
-    finding = doctor("djproj", *args, env=environment).only("LG018")
+    finding = doctor("djproj", "--pool", "threads", "-c", "8", env=environment).only("LG018")
 
     assert finding["severity"] == level
     assert finding["evidence"]["idle_session_timeout"] == 30.0
-    assert finding["evidence"][named][0].startswith("Django DATABASES['default']")
+    assert finding["evidence"][named] == ["Django DATABASES['default']"]
 
 
 def test_connections_kept_shorter_than_idle_session_timeout_are_fine(

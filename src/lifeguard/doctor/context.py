@@ -9,8 +9,8 @@
 * SQLAlchemy engines: every ``Engine``/``AsyncEngine`` alive after the import (found by
   the garbage collector, so engines created at import time in any module count), and
   whether each is registered with ``guard.add_engine()``;
-* an estimate of a prefork child's RSS at birth: this process's RSS after importing the
-  app and Celery's worker modules (a child starts with its MainProcess's pages);
+* an estimate of a prefork child's RSS at birth: this process's RSS once it holds what a
+  worker's MainProcess holds before it forks (a child starts with its parent's pages);
 * the database server, when read (:mod:`lifeguard.doctor.server`).
 
 Nothing here connects anywhere or changes anything in the app.
@@ -24,7 +24,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -48,9 +48,6 @@ class Setting:
     name: str
     value: Any
     source: str
-
-    def __str__(self) -> str:
-        return f"{self.name}={self.value!r} ({self.source})"
 
 
 @dataclass(frozen=True)
@@ -123,6 +120,7 @@ class DjangoAlias:
     pool: Mapping[str, Any] | None  # OPTIONS["pool"] ({} for True); None: no native pool
     options: Mapping[str, Any]  # OPTIONS
     disable_server_side_cursors: bool
+    health_checks: bool  # CONN_HEALTH_CHECKS: a round trip before a reused connection's use
     endpoint: str
 
     @property
@@ -196,7 +194,6 @@ class DoctorContext:
     server: ServerInfo | None = None
     server_skip: str = "no database was read"
     server_failed: bool = False  # a database was named but could not be read
-    notes: list[str] = field(default_factory=list)
 
     # --- helpers for rules ---------------------------------------------------------
 
@@ -417,6 +414,7 @@ def django_aliases() -> tuple[DjangoAlias, ...] | None:
                 pool=(pool if isinstance(pool, dict) else {}) if pool else None,
                 options=options,
                 disable_server_side_cursors=bool(entry.get("DISABLE_SERVER_SIDE_CURSORS")),
+                health_checks=bool(entry.get("CONN_HEALTH_CHECKS")),
                 endpoint=endpoint(entry.get("HOST"), entry.get("PORT")),
             )
         )

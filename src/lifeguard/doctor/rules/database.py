@@ -289,21 +289,16 @@ def _kept_idle(ctx: DoctorContext, endpoint: str, timeout: float) -> tuple[list[
     for alias in ctx.postgres_aliases():
         if alias.endpoint != endpoint:
             continue
+        outlives = alias.conn_max_age is None or alias.conn_max_age > timeout
         if ctx.manages(alias):
-            kept = alias.pool is not None or (
-                not green and (alias.conn_max_age is None or alias.conn_max_age > timeout)
-            )
-            if kept:
-                replaced.append(f"Django {alias.where}")
-        elif alias.pool is not None and not ctx.shape.kind.forks:
-            fails.append(f"Django {alias.where} (native pool)")
-        elif (
-            ctx.celery_version < (5, 6)
-            and alias.pool is None
-            and not green
-            and (alias.conn_max_age is None or alias.conn_max_age > timeout)
-        ):
-            fails.append(f"Django {alias.where} (CONN_MAX_AGE={alias.conn_max_age})")
+            kept, checked = alias.pool is not None or (not green and outlives), True
+        elif alias.pool is not None:  # stock Celery closes it per task under prefork only
+            kept, checked = not ctx.shape.kind.forks, alias.health_checks
+        else:  # stock Celery 5.5 and older keep it for CONN_MAX_AGE
+            kept = ctx.celery_version < (5, 6) and not green and outlives
+            checked = alias.health_checks
+        if kept:
+            (replaced if checked else fails).append(f"Django {alias.where}")
     for engine in ctx.all_engines():
         if engine.endpoint != endpoint or not engine.pooled:
             continue
@@ -343,10 +338,10 @@ def idle_session_timeout(ctx: DoctorContext) -> Iterator[Finding]:
         level = Level.INFO
         why = (
             f"The server ends sessions idle for {_duration(timeout)}; "
-            f"{', '.join(replaced)} keep connections longer. lifeguard (or pool_pre_ping) "
-            "replaces a closed one before a task uses it, so nothing fails, but each costs a "
-            "new session, and each ended session counts as sessions_fatal, which lifeguard "
-            "check reports as connection errors."
+            f"{', '.join(replaced)} keep connections longer. lifeguard (or pool_pre_ping, "
+            "CONN_HEALTH_CHECKS) replaces a closed one before a task uses it, so nothing "
+            "fails, but each costs a new session, and each ended session counts as "
+            "sessions_fatal, which lifeguard check reports as connection errors."
         )
     yield Finding(
         level,
