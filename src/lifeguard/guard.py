@@ -53,9 +53,13 @@ class Lifeguard:
 
         Called at worker start, when Celery's configuration is loaded.
         """
-        conf = self.app.conf
-        from_conf = options_from_conf(conf, getattr(self.app, "namespace", None))
-        self.options = Options.resolve(self._arguments, from_conf)
+        self.options = self.resolve_options()
+
+    def resolve_options(self) -> Options:
+        """The install() arguments over the ``lifeguard_*`` keys of ``app.conf``, as a
+        worker resolves them at start; raises :class:`ConfigurationError`."""
+        from_conf = options_from_conf(self.app.conf, getattr(self.app, "namespace", None))
+        return Options.resolve(self._arguments, from_conf)
 
     # --- SQLAlchemy and async tasks ------------------------------------------------------
 

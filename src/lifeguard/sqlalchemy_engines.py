@@ -565,6 +565,15 @@ class SqlAlchemyEngines(Hook):
             else:
                 cparams["application_name"] = name
 
+    # --- the database, for `lifeguard monitor -A` and `lifeguard doctor -A` --------------
+
+    def monitor_database_url(self) -> str | None:
+        """The URL of the first registered PostgreSQL engine (see monitor/target.py)."""
+        for managed in self.engines:
+            if managed.is_postgresql:
+                return str(managed.engine.url.render_as_string(hide_password=False))
+        return None
+
     # --- figures --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from .. import __version__
 COMMANDS: dict[str, str] = {
     "check": "lifeguard.cli.check:check",
     "demo": "lifeguard.cli.demo:demo",
+    "doctor": "lifeguard.cli.doctor:doctor",
     "monitor": "lifeguard.cli.monitor:monitor",
 }
 

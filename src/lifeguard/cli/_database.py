@@ -14,11 +14,22 @@ from ..appname import DEFAULT_PREFIX, validate_prefix
 from ..errors import ConfigurationError
 from ..monitor.report import Monitor
 from ..monitor.target import ENV_URL, resolve_target
-from ..monitor.thresholds import ConnectionLimit, Thresholds
+from ..monitor.thresholds import ConnectionLimit, Severity, Thresholds
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _DEFAULTS = Thresholds()
+
+
+class NagiosCommand(click.Command):
+    """A usage error exits 3 (UNKNOWN): click's 2 would read as CRITICAL."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            setattr(exc, "exit_code", Severity.UNKNOWN.exit_code)  # noqa: B010
+            raise
 
 
 def _apply(options: Sequence[Callable[[Any], Any]], function: F) -> F:

@@ -82,8 +82,8 @@ def from_url(url: str, source: str) -> DatabaseTarget:
     return DatabaseTarget(dsn=url, where=redact_url(url), source=source)
 
 
-def from_django(alias: str = "default") -> DatabaseTarget | None:
-    """The target of Django's ``DATABASES[alias]``, or None when Django isn't configured."""
+def django_databases() -> Mapping[str, Mapping[str, Any]] | None:
+    """Django's ``DATABASES``, or None when Django isn't installed or configured."""
     try:
         from django.conf import settings
     except ImportError:
@@ -91,9 +91,17 @@ def from_django(alias: str = "default") -> DatabaseTarget | None:
     if not (settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE")):
         return None
     try:
-        databases = settings.DATABASES
+        databases: Mapping[str, Mapping[str, Any]] = settings.DATABASES
     except Exception as exc:  # ImproperlyConfigured, ImportError of the settings module
         raise ConfigurationError(f"cannot read Django's DATABASES setting: {exc}") from exc
+    return databases
+
+
+def from_django(alias: str = "default") -> DatabaseTarget | None:
+    """The target of Django's ``DATABASES[alias]``, or None when Django isn't configured."""
+    databases = django_databases()
+    if databases is None:
+        return None
     if alias not in databases:
         raise ConfigurationError(
             f"Django's DATABASES has no alias {alias!r} (aliases: {sorted(databases)}): "
@@ -185,10 +193,15 @@ def one_line_error(exc: BaseException, target: DatabaseTarget) -> str:
     return text
 
 
-def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
+def connect(
+    target: DatabaseTarget, timeout: float = 5.0, *, session_statement_timeout: bool = True
+) -> Any:
     """An autocommit DB-API connection (psycopg 3, else psycopg2) for the monitor.
 
     Its queries time out after ``timeout`` seconds too: a monitor must never hang.
+    ``session_statement_timeout=False`` sets nothing on the session (the caller uses
+    ``SET LOCAL``): behind a pooler in transaction mode a session ``SET`` stays on a
+    server connection that other clients get next.
     """
     keywords = dict(target.keywords)
     keywords["connect_timeout"] = str(max(1, round(timeout)))
@@ -197,8 +210,9 @@ def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
     try:
         conn = module.connect(target.dsn, **keywords)
         conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"SET statement_timeout = {int(timeout * 1000)}")
+        if session_statement_timeout:
+            with conn.cursor() as cur:
+                cur.execute(f"SET statement_timeout = {int(timeout * 1000)}")
     except module.Error as exc:
         raise DatabaseUnreachable(
             f"cannot connect to {target}: {one_line_error(exc, target)}"

@@ -1,0 +1,1 @@
+"""Integrations that plug lifeguard into other frameworks' own machinery."""
