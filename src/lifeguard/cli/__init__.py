@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "check": "lifeguard.cli.check:check",
     "demo": "lifeguard.cli.demo:demo",
     "monitor": "lifeguard.cli.monitor:monitor",
+    "validate": "lifeguard.cli.validate:validate",
 }
 
 

@@ -215,6 +215,18 @@ def build_monitor(options: dict[str, Any]) -> Monitor:
     )
 
 
+class UsageErrorExits3(click.Command):
+    """A usage error exits 3, "could not run" (UNKNOWN for ``check``): click's own 2
+    would read as CRITICAL to Nagios."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            setattr(exc, "exit_code", 3)  # noqa: B010
+            raise
+
+
 class _CommandLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Logs of a command to the stderr of the moment (the command's own)."""
 

@@ -28,6 +28,7 @@ from ..monitor.snapshot import Baseline, baseline_from_json, baseline_to_json
 from ..monitor.target import DatabaseUnreachable
 from ..monitor.thresholds import Severity
 from ._database import (
+    UsageErrorExits3,
     action_options,
     build_monitor,
     database_options,
@@ -36,18 +37,7 @@ from ._database import (
 )
 
 
-class _NagiosCommand(click.Command):
-    """A usage error exits 3 (UNKNOWN): click's 2 would read as CRITICAL."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as exc:
-            setattr(exc, "exit_code", Severity.UNKNOWN.exit_code)  # noqa: B010
-            raise
-
-
-@click.command(cls=_NagiosCommand)
+@click.command(cls=UsageErrorExits3)
 @database_options
 @threshold_options
 @action_options
