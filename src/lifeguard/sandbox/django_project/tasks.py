@@ -155,3 +155,28 @@ def driver() -> str:
 def task_class(self: Any) -> list[str]:
     """The task's class hierarchy: Celery's fixup makes it a DjangoTask."""
     return [cls.__name__ for cls in type(self).__mro__]
+
+
+# Raw connections opened by leak_connection and never closed, like a module-level cache.
+LEAKED_CONNECTIONS: list[Any] = []
+
+
+@shared_task
+def leak_connection() -> int:
+    """Opens a raw psycopg connection beside Django's, queries, and never closes it.
+
+    The leak ``lifeguard validate`` must catch: one more idle backend per task, held by
+    the worker process until it exits. Named ``<prefix>:leak``, so the test fixtures see
+    it go away when the worker stops.
+    """
+    import psycopg
+    from django.conf import settings
+
+    leaked = psycopg.connect(
+        settings.DB_URL,
+        application_name=f"{settings.PREFIX}:leak",
+        autocommit=True,
+    )
+    leaked.execute("SELECT 1")
+    LEAKED_CONNECTIONS.append(leaked)
+    return int(leaked.info.backend_pid)
