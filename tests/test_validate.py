@@ -270,25 +270,16 @@ def memory_app_worker(redis_url: str, prefix: str) -> Iterator[Callable[..., Cel
         worker.stop()
 
 
+def validate_leak(worker: CeleryWorker, db: Database, *args: str) -> Validated:
+    """validate the memory app's task that keeps 1 MiB per run, 2 at a time."""
+    leak = f"{MEMORY_APP}.leak"
+    common = ["--database-url", db.url, "--args", "[1]", "--concurrency", "2"]
+    return validate(worker, MEMORY_APP, leak, *common, *args)
+
+
 def test_soak_fails_when_a_task_keeps_growing_memory(memory_app_worker, test_db: Database):
     worker = memory_app_worker()
-    run = validate(
-        worker,
-        MEMORY_APP,
-        f"{MEMORY_APP}.leak",
-        "--database-url",
-        test_db.url,
-        "--args",
-        "[1]",
-        "--count",
-        "10",
-        "--concurrency",
-        "2",
-        "--soak",
-        "3s",
-        "--warmup-rounds",
-        "1",
-    )
+    run = validate_leak(worker, test_db, "--count", "10", "--soak", "3s", "--warmup-rounds", "1")
 
     assert run.code == 1
     assert run.statuses() == {**dict.fromkeys(CRITERIA, "pass"), "memory_slope": "fail"}
@@ -311,22 +302,8 @@ def test_recycled_children_are_found_and_marked_in_the_report(
     pids change and marks each recycle on the RSS chart."""
     worker = memory_app_worker(options=json.dumps({"memory_growth_limit": "4MiB"}))
     report = tmp_path / "recycles.html"
-    run = validate(
-        worker,
-        MEMORY_APP,
-        f"{MEMORY_APP}.leak",
-        "--database-url",
-        test_db.url,
-        "--args",
-        "[1]",
-        "--count",
-        "24",
-        "--concurrency",
-        "2",
-        "--warmup-rounds",
-        "0",
-        "--report",
-        str(report),
+    run = validate_leak(
+        worker, test_db, "--count", "24", "--warmup-rounds", "0", "--report", str(report)
     )
 
     assert run.criterion("every_task_succeeded")["status"] == "pass"
