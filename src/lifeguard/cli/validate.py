@@ -255,10 +255,13 @@ class _Bar:
     def _finish(self) -> None:
         if self.task is None:
             return
-        total = self.progress.tasks[self.task].total if self.progress.tasks else None
-        if total is not None:
-            self.progress.update(self.task, completed=total)
+        total = next(t.total for t in self.progress.tasks if t.id == self.task) or 1
+        self.progress.update(self.task, total=total, completed=total)
         self.progress.stop_task(self.task)
+
+    def close(self) -> None:
+        self._finish()
+        self.task = None
 
 
 class _progress:  # used as a context manager, like open()
@@ -266,28 +269,30 @@ class _progress:  # used as a context manager, like open()
         from rich.console import Console
         from rich.progress import (
             BarColumn,
-            MofNCompleteColumn,
             Progress,
             SpinnerColumn,
+            TaskProgressColumn,
             TextColumn,
             TimeElapsedColumn,
         )
 
         console = Console(stderr=True)
         self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description:<28}"),
-            BarColumn(),
-            MofNCompleteColumn(),
+            SpinnerColumn(finished_text="[green]✓[/]"),
+            TextColumn("{task.description:<20}"),
+            BarColumn(bar_width=24),
+            TaskProgressColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[detail]}", style="dim"),
             console=console,
             disable=not console.is_terminal,
         )
         self.progress.start()
-        return _Bar(self.progress)
+        self.bar = _Bar(self.progress)
+        return self.bar
 
     def __exit__(self, *exc: object) -> None:
+        self.bar.close()
         self.progress.stop()
 
 

@@ -72,7 +72,7 @@ svg.chart .phase-b { fill: #eef2f7; }
 svg.chart .phase-label { fill: var(--muted); font-size: 10.5px; text-transform: uppercase;
                          letter-spacing: .05em; }
 svg.chart .area { fill-opacity: .55; stroke-width: 1; }
-svg.chart .line { fill: none; stroke-width: 2; stroke-linejoin: round; }
+svg.chart .line { fill: none; stroke-linejoin: round; stroke-linecap: round; }
 svg.chart .limit { stroke-width: 1.5; stroke-dasharray: 7 5; }
 svg.chart .limit-label { font-weight: 600; }
 svg.chart .marker .rule { stroke: #9ca3af; stroke-dasharray: 2 3; }

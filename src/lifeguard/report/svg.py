@@ -123,7 +123,10 @@ def chart_svg(chart: Chart, phases: Sequence[Phase], duration: float) -> str:
         *_phase_bands(phases, scale),
         *_axes(chart.unit, y_ticks, time_ticks(duration), scale),
         *_areas(stacks, colors, scale),
-        *(_line(series, colors[series.label], scale) for series in lines),
+        *(
+            _line(series, colors[series.label], scale, _width(index, len(lines)))
+            for index, series in enumerate(lines)
+        ),
         *_limit(chart, scale),
         *(_marker(marker, chart, colors, scale) for marker in chart.markers),
         "</svg>",
@@ -217,7 +220,13 @@ def _areas(
         previous = tops
 
 
-def _line(series: Series, color: str, scale: _Scale) -> str:
+def _width(index: int, count: int) -> float:
+    """Earlier lines are drawn wider, so a line hidden under a later identical one (two
+    children with the same RSS) still shows as a coloured edge."""
+    return 2.0 if count < 2 else 2.0 + 1.5 * (count - 1 - index) / (count - 1)
+
+
+def _line(series: Series, color: str, scale: _Scale, width: float = 2.0) -> str:
     segments: list[list[tuple[float, float]]] = [[]]
     for t, value in series.points:
         if value is None:
@@ -233,7 +242,9 @@ def _line(series: Series, color: str, scale: _Scale) -> str:
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>')
         elif segment:
             d = "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in segment)
-            parts.append(f'<path class="line" d="{d}" stroke="{color}"{dash}/>')
+            parts.append(
+                f'<path class="line" d="{d}" stroke="{color}" stroke-width="{width:.2g}"{dash}/>'
+            )
     parts.append("</g>")
     return "".join(parts)
 

@@ -103,8 +103,8 @@ def no_connection_errors(rates: SessionRates | None, reason: str = "") -> Criter
     delta = rates.delta
     detail = (
         f"{delta.errors} sessions ended abnormally in {rates.seconds:.0f}s "
-        f"(abandoned {delta.abandoned}, fatal {delta.fatal}, killed {delta.killed}; "
-        f"{delta.sessions} sessions in all)"
+        f"(abandoned {delta.abandoned}, fatal {delta.fatal}, killed {delta.killed}); "
+        f"{delta.sessions} sessions opened meanwhile"
     )
     if rates.gone:
         detail += f"; {len(rates.gone)} worker backends gone meanwhile"

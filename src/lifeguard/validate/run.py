@@ -150,12 +150,12 @@ class Validation:
         per_round = 2 * self.processes_total
         self.progress.phase("warm-up", rounds * per_round)
         previous: int | None = None
+
+        def report(outcomes: Outcomes, in_flight: int) -> None:
+            so_far = self.warmup.merge(outcomes)  # the rounds before, and this one
+            self.progress.update(so_far.finished, self._detail(so_far))
+
         for index in range(rounds):
-            done = self.warmup.finished
-
-            def report(outcomes: Outcomes, in_flight: int, before: int = done) -> None:
-                self.progress.update(before + outcomes.finished, self._detail(outcomes))
-
             outcomes = load.run(count=per_round, timeout=self.settings.timeout, on_progress=report)
             self.warmup = self.warmup.merge(outcomes)
             time.sleep(_ROUND_PAUSE)
@@ -181,7 +181,7 @@ class Validation:
     def _soak(self, load: Load, seconds: float) -> None:
         start = self.clock()
         in_flight = self.settings.concurrency or 2 * self.processes_total
-        self.progress.phase(f"soak {seconds:g}s, {in_flight} in flight", seconds)
+        self.progress.phase(f"soak {seconds:g}s ({in_flight} at a time)", seconds)
 
         def report(outcomes: Outcomes, pending: int) -> None:
             self.progress.update(min(self.clock() - start, seconds), self._detail(outcomes))
@@ -219,10 +219,8 @@ class Validation:
         text = f"{outcomes.succeeded} ok, {outcomes.failed} failed"
         latest = self.sampler.latest if self.sampler is not None else None
         if latest is not None and latest.error is None:
-            text += (
-                f" | db: {latest.total} connections ({latest.by_state.get('idle', 0)} idle), "
-                f"workers {latest.workers}"
-            )
+            idle = latest.by_state.get("idle", 0)
+            text += f" · db {latest.total} ({idle} idle) · workers hold {latest.workers}"
         return text
 
     # --- judging ----------------------------------------------------------------------
