@@ -107,7 +107,9 @@ class Sampler:
             return sample, snapshot
 
     def _sample(self, t: float, snapshot: Snapshot, processes: list[TaskProcess]) -> Sample:
-        owners = self._local_owners(processes)
+        # Reading /proc/net/tcp costs milliseconds: only when a backend needs it.
+        unnamed = [b for b in snapshot.backends if b.worker is None and b.client_port]
+        owners = self._local_owners(processes) if unnamed else {}
         held: dict[str, list[Backend]] = {}
         for backend in snapshot.backends:
             label = self._holder(backend, owners)
