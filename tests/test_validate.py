@@ -27,7 +27,7 @@ from lifeguard.sandbox.worker import CeleryWorker
 from lifeguard.validate.sampler import UNATTRIBUTED
 from lifeguard.validate.workers import VIA_LIFEGUARD, VIA_PROC, ProcessSampler, find_workers
 
-from .monitor_support import lifeguard
+from .monitor_support import lifeguard, start_lifeguard, wait_for
 from .support import Database, stop_workers
 from .validate_support import (
     DJANGO_APP,
@@ -250,6 +250,30 @@ def test_leaking_app_fails_and_names_the_processes_holding_the_leak(
     idle = run.criterion("idle_back_to_baseline")
     assert idle["measured"] > idle["limit"]
     assert "held by " in idle["detail"]
+
+
+def test_sessions_killed_during_the_run_are_connection_errors(
+    sandbox_worker, test_db: Database, prefix: str
+):
+    """An administrator terminates the workers' backends mid-run: pg_stat_database counts
+    them as killed, and validate fails on it. (No warm-up: the backends are the load's.)"""
+    worker = sandbox_worker()
+    command = ["validate", "-A", DJANGO_APP, "--task", f"{DJANGO_TASKS}.one_query", "--json"]
+    command += ["--count", "20", "--soak", "3s", "--warmup-rounds", "0", "--settle", "1"]
+    running = start_lifeguard(*command, env=worker.env)
+    try:
+        wait_for(lambda: test_db.backends(prefix), timeout=60, what="the workers' backends")
+        killed = test_db.terminate(prefix)
+        stdout, stderr = running.communicate(timeout=120)
+    finally:
+        running.kill()
+    result = json.loads(stdout)
+
+    assert running.returncode == 1, stderr
+    errors = next(c for c in result["criteria"] if c["name"] == "no_connection_errors")
+    assert errors["status"] == "fail"
+    assert result["sessions"]["killed"] >= killed >= 1
+    assert f"killed {result['sessions']['killed']}" in errors["detail"]
 
 
 # --- memory under a soak --------------------------------------------------------------------
