@@ -65,8 +65,12 @@ def _json(kind: type) -> Any:
 @click.command(cls=UsageErrorExits3)
 @database_options
 @click.option("--task", "task_name", required=True, metavar="NAME", help="The task to send.")
-@click.option("--args", "task_args", default="[]", callback=_json(list), help="A JSON list.")
-@click.option("--kwargs", "task_kwargs", default="{}", callback=_json(dict), help="A JSON object.")
+@click.option(
+    "--args", "task_args", metavar="JSON", default="[]", callback=_json(list), help="A list."
+)
+@click.option(
+    "--kwargs", "task_kwargs", metavar="JSON", default="{}", callback=_json(dict), help="An object."
+)
 @click.option(
     "--count", type=click.IntRange(min=1), default=500, show_default=True, help="Tasks to send."
 )
@@ -79,7 +83,7 @@ def _json(kind: type) -> Any:
 @click.option(
     "--budget",
     type=click.IntRange(min=0),
-    help="Connections the workers may hold (default: their task processes x the app's "
+    help="Connections the workers may hold (default: their concurrency x the app's "
     "PostgreSQL databases).",
 )
 @click.option(
@@ -122,7 +126,7 @@ def _json(kind: type) -> Any:
     type=click.IntRange(min=0),
     default=3,
     show_default=True,
-    help="Warm-up rounds (2 tasks per task process) before the baseline; 0: none.",
+    help="Warm-up rounds (2 tasks per unit of concurrency) before the baseline; 0: none.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option(
@@ -199,6 +203,8 @@ def validate(
             result = validation.run()
     except (CannotValidate, DatabaseUnreachable, ConfigurationError) as exc:
         _cannot_run(ctx, str(exc), as_json)
+    except KeyboardInterrupt:
+        _cannot_run(ctx, "interrupted: tasks already sent may still run", as_json)
     finally:
         monitor.close()
     summary = dict(result.summary)

@@ -1,9 +1,10 @@
 """One validation, phase by phase, against the user's running workers.
 
 1. **workers**: the nodes consuming the task's queue (:mod:`.workers`);
-2. **warm-up**: rounds of 2 tasks per task process until the database's idle count stops
-   changing (at most ``warmup_rounds``), so connections a healthy worker keeps (one per
-   process and database) are in the baseline, as on a worker that has been running;
+2. **warm-up**: rounds of 2 tasks per unit of the workers' concurrency until the
+   database's idle count stops changing (at most ``warmup_rounds``), so connections a
+   healthy worker keeps (one per process and database) are in the baseline, as on a
+   worker that has been running;
 3. **baseline**: a sample of the database (``pg_stat_activity``, ``pg_stat_database``);
 4. **burst**: ``count`` tasks sent, at most ``concurrency`` unfinished at a time if given
    (all at once otherwise), then **drain**: until every outcome is in the result backend;
@@ -130,7 +131,8 @@ class Validation:
         return self._judge(baseline, baseline_snapshot, final, final_snapshot)
 
     @property
-    def processes_total(self) -> int:
+    def concurrency(self) -> int:
+        """The workers' concurrency: tasks they run at once (processes, threads, ...)."""
         return sum(node.concurrency for node in self.nodes)
 
     def _sample_or_fail(self, what: str) -> tuple[Sample, Snapshot]:
@@ -147,7 +149,7 @@ class Validation:
             return
         assert self.sampler is not None
         start = self.clock()
-        per_round = 2 * self.processes_total
+        per_round = 2 * self.concurrency
         self.progress.phase("warm-up", rounds * per_round)
         previous: int | None = None
 
@@ -180,7 +182,7 @@ class Validation:
 
     def _soak(self, load: Load, seconds: float) -> None:
         start = self.clock()
-        in_flight = self.settings.concurrency or 2 * self.processes_total
+        in_flight = self.settings.concurrency or 2 * self.concurrency
         self.progress.phase(f"soak {seconds:g}s ({in_flight} at a time)", seconds)
 
         def report(outcomes: Outcomes, pending: int) -> None:
@@ -230,10 +232,9 @@ class Validation:
         if self.settings.budget is not None:
             return self.settings.budget, "--budget"
         aliases = database_aliases()
-        processes = self.processes_total
-        return processes * aliases, (
-            f"{processes} task processes x {aliases} database "
-            f"{'alias' if aliases == 1 else 'aliases'}"
+        return self.concurrency * aliases, (
+            f"the workers' concurrency {self.concurrency} x {aliases} PostgreSQL "
+            f"{'database' if aliases == 1 else 'databases'}"
         )
 
     def _judge(
