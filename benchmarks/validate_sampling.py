@@ -32,7 +32,7 @@ from celery import Celery
 from lifeguard.monitor.report import Monitor
 from lifeguard.monitor.target import from_url
 from lifeguard.monitor.thresholds import Thresholds
-from lifeguard.sandbox.bench import production_like_server
+from lifeguard.sandbox.bench import median_ms, production_like_server
 from lifeguard.sandbox.django_project import TASKS, sandbox_worker
 from lifeguard.sandbox.redis import find_redis
 from lifeguard.validate.load import Load, TaskCall
@@ -41,15 +41,6 @@ from lifeguard.validate.workers import ProcessSampler, WorkerNode, find_workers
 
 TASK = f"{TASKS}.one_query"
 INTERVALS = (None, 0.5, 0.1)  # None: not sampled
-
-
-def median_ms(action: Callable[[], Any], rounds: int) -> float:
-    timings = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        action()
-        timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
 
 
 def sample_parts(client: Celery, monitor: Monitor, node: WorkerNode, rounds: int) -> None:

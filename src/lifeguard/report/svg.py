@@ -173,7 +173,7 @@ def _phase_bands(phases: Sequence[Phase], scale: _Scale) -> Iterable[str]:
         )
         if x1 - x0 >= 8 * len(phase.name) * 0.8:
             yield (
-                f'<text class="phase-label" x="{x0 + 5:.1f}" y="{TOP + 13}">'
+                f'<text class="phase-label" x="{x0 + 4:.1f}" y="{TOP - 8}">'
                 f"{escape(phase.name)}</text>"
             )
 
@@ -198,7 +198,10 @@ def _axes(unit: str, y_ticks: list[float], x_ticks: list[float], scale: _Scale) 
         f'<line class="axis" x1="{LEFT}" x2="{LEFT + PLOT_W}" y1="{TOP + PLOT_H}" '
         f'y2="{TOP + PLOT_H}"/>'
     )
-    yield (f'<text class="unit" x="{LEFT}" y="{TOP - 10}">{escape(_unit_label(unit))}</text>')
+    yield (
+        f'<text class="unit" transform="rotate(-90)" x="{-(TOP + PLOT_H / 2):.1f}" y="14" '
+        f'text-anchor="middle">{escape(_unit_label(unit))}</text>'
+    )
 
 
 def _areas(
