@@ -33,12 +33,9 @@ def production_like_server(
 ) -> tuple[EmbeddedPostgres, PostgresServer, str]:
     """An embedded server (TLS unless ``plain`` or unsupported) with a database owned by a
     password role; returns the server and that role's URL."""
-    password = uuid.uuid4().hex
-    embedded = EmbeddedPostgres(tls=False, password=password)
-    tls = not plain and embedded.supports_tls()
-    if not tls and not plain:
+    embedded = EmbeddedPostgres(tls=False if plain else None, password=uuid.uuid4().hex)
+    if not embedded.tls and not plain:
         print("note: these PostgreSQL binaries have no TLS; measuring without it", file=sys.stderr)
-    embedded = EmbeddedPostgres(tls=tls, password=password)
     server = embedded.start()
     server.create_database(database)
     server.ensure_role("bench", "bench-password")

@@ -228,20 +228,32 @@ def _make_traversable(path: Path) -> None:
             parent.chmod(mode | stat.S_IXOTH | stat.S_IROTH)
 
 
+def binaries_support_tls(bin_dir: Path) -> bool:
+    """Whether these PostgreSQL binaries were built with OpenSSL (pgserver's are not)."""
+    pg_config = bin_dir / "pg_config"
+    if not pg_config.exists():
+        return False
+    out = subprocess.run(
+        [str(pg_config), "--configure"], check=False, capture_output=True, text=True
+    )
+    return "--with-openssl" in out.stdout or "--with-ssl=openssl" in out.stdout
+
+
 class EmbeddedPostgres:
     """A throw-away cluster in a temporary directory, on a free port of 127.0.0.1."""
 
     def __init__(
         self,
         *,
-        tls: bool = False,
+        tls: bool | None = False,
         password: str | None = None,
         max_connections: int = 200,
         settings: dict[str, str] | None = None,
     ) -> None:
+        """``tls=None``: TLS when the binaries were built with OpenSSL (pgserver's are not)."""
         self.bin = find_binaries()
         self.user = _run_as_user()
-        self.tls = tls
+        self.tls = binaries_support_tls(self.bin) if tls is None else tls
         self.password = password
         self.max_connections = max_connections
         self.settings = dict(settings or {})
@@ -358,16 +370,6 @@ class EmbeddedPostgres:
         if self.user is not None:
             shutil.chown(crt, self.user)
             shutil.chown(key, self.user)
-
-    def supports_tls(self) -> bool:
-        """Whether these binaries were built with OpenSSL (pgserver's are not)."""
-        pg_config = self.bin / "pg_config"
-        if not pg_config.exists():
-            return False
-        out = subprocess.run(
-            [str(pg_config), "--configure"], check=False, capture_output=True, text=True
-        )
-        return "--with-openssl" in out.stdout or "--with-ssl=openssl" in out.stdout
 
     def _start_server(self) -> None:
         result = self._cmd(

@@ -180,3 +180,14 @@ def leak_connection() -> int:
     leaked.execute("SELECT 1")
     LEAKED_CONNECTIONS.append(leaked)
     return int(leaked.info.backend_pid)
+
+
+# What the leaking task keeps forever, like a cache that never forgets.
+LEAKED: list[bytes] = []
+
+
+@shared_task
+def leak(mib: float) -> dict[str, Any]:
+    """Keeps ``mib`` MiB (every page written) for the life of the process."""
+    LEAKED.append(b"\x01" * int(mib * 1024 * 1024))
+    return {"worker_pid": os.getpid(), "leaked_mib": len(LEAKED) * mib}
