@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from lifeguard.monitor.report import Monitor
 from lifeguard.monitor.snapshot import take_snapshot
 from lifeguard.monitor.target import connect, from_url
 from lifeguard.monitor.thresholds import Thresholds
+from lifeguard.sandbox.bench import median_ms
 from lifeguard.sandbox.postgres import EmbeddedPostgres
 
 PREFIX = "bench"
@@ -47,15 +47,6 @@ def open_sessions(kwargs: dict[str, Any], n: int) -> list[psycopg.Connection[Any
         conn.execute("SELECT 1")
         sessions.append(conn)
     return sessions
-
-
-def median_ms(action: Callable[[], Any], rounds: int) -> float:
-    timings = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        action()
-        timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
 
 
 def main() -> None:

@@ -74,3 +74,5 @@ def test_demo_runs_to_the_end_with_no_services_given(fresh_env: Path, tmp_path: 
         assert scenario in output
     assert "FAILED" not in output
     assert "127.0.0.1:5432" not in output  # its own server, not the machine's
+    report = (tmp_path / "lifeguard-demo.html").read_text()
+    assert 'id="lifeguard-data"' in report and "RSS per task process" in report

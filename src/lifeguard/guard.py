@@ -29,6 +29,7 @@ class Lifeguard:
         self.counters = Stats()
         self.hooks: list[Hook] = []
         self.lifecycle = Lifecycle(self)
+        from .control import RemoteControl
         from .django_connections import DjangoConnections
         from .event_loop import EventLoop
         from .memory import MemoryWatchdog
@@ -38,6 +39,7 @@ class Lifeguard:
 
         # Metrics first: hooks leave in reverse order, so its after_task sees every count.
         self.add_hook(WorkerMetrics())
+        self.add_hook(RemoteControl())  # lifeguard_processes, for `lifeguard validate`
         self.add_hook(DjangoConnections())
         # On the way out hooks run in reverse: sessions close before the leak sweep, and
         # async engines are disposed on the event loop before it closes.

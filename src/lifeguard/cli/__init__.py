@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "demo": "lifeguard.cli.demo:demo",
     "doctor": "lifeguard.cli.doctor:doctor",
     "monitor": "lifeguard.cli.monitor:monitor",
+    "validate": "lifeguard.cli.validate:validate",
 }
 
 

@@ -22,7 +22,8 @@ _DEFAULTS = Thresholds()
 
 
 class NagiosCommand(click.Command):
-    """A usage error exits 3 (UNKNOWN): click's 2 would read as CRITICAL."""
+    """A usage error exits 3 ("could not run"; UNKNOWN for Nagios): click's own 2 would
+    read as CRITICAL."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:

@@ -23,7 +23,15 @@ from ..redact import redact_url
     "--broker-url", metavar="URL", help="A Redis URL to use instead of an embedded Redis."
 )
 @click.option("--tasks", default=300, show_default=True, help="Tasks in the throughput run.")
-def demo(database_url: str | None, broker_url: str | None, tasks: int) -> None:
+@click.option(
+    "--report",
+    "report_path",
+    default="lifeguard-demo.html",
+    show_default=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="Where to write the HTML report (charts of the same load on stock and lifeguard).",
+)
+def demo(database_url: str | None, broker_url: str | None, tasks: int, report_path: str) -> None:
     """Show the problems lifeguard fixes, side by side with stock Celery."""
     from rich.console import Console
     from rich.table import Table
@@ -44,7 +52,12 @@ def demo(database_url: str | None, broker_url: str | None, tasks: int) -> None:
         console.print(f"Redis:      {redact_url(services.broker)}")
         run.create()
         with console.status("") as status:
-            run.run(tasks, lambda text: status.update(f"running: {text}"))
+
+            def progress(text: str) -> None:
+                status.update(f"running: {text}")
+
+            run.run(tasks, progress)
+            records = run.report_records(progress)
     finally:
         run.drop()
         services.close()
@@ -69,5 +82,9 @@ def demo(database_url: str | None, broker_url: str | None, tasks: int) -> None:
         "stock: Celery's Django fixup closes connections around every task; the soft time "
         "limit and open-transaction rows use CELERY_DB_REUSE_MAX, the reuse knob Celery offers."
     )
+    from ..report import write_html
+
+    written = write_html(records, report_path, title="lifeguard demo: stock Celery vs lifeguard")
+    console.print(f"report: {written}")
     if not all(row.ok for row in run.rows):
         raise SystemExit(1)

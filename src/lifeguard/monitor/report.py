@@ -202,7 +202,7 @@ class Monitor:
 
     def report(self, baseline: Baseline | None = None) -> Report:
         """A new report; rates are computed against ``baseline`` or this monitor's past."""
-        snapshot = self._snapshot()
+        snapshot = self.snapshot()
         if baseline is None and self._history:
             baseline = self._baseline_for(snapshot)
         rates = session_rates(baseline, snapshot) if baseline is not None else None
@@ -230,7 +230,8 @@ class Monitor:
             finally:
                 self._conn = None
 
-    def _snapshot(self) -> Snapshot:
+    def snapshot(self) -> Snapshot:
+        """A snapshot alone (no findings), over this monitor's connection."""
         if self._conn is None:
             self._conn = connect(self.target, self.connect_timeout)
         try:

@@ -63,7 +63,8 @@ WITH header AS (
         a.wait_event_type || ':' || a.wait_event AS wait_event,
         left(a.query, %(query_chars)s) AS query,
         a.backend_start,
-        host(a.client_addr) AS client_addr
+        host(a.client_addr) AS client_addr,
+        a.client_port
     FROM pg_stat_activity a
     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND {_CLIENT}
 )
@@ -93,6 +94,7 @@ class Backend:
     query: str | None  # cut to QUERY_CHARS
     backend_start: Any  # datetime; with the pid it names the session uniquely
     client_addr: str | None = None
+    client_port: int | None = None  # the client's TCP port (-1: Unix socket)
 
     @property
     def state_label(self) -> str:
@@ -274,7 +276,7 @@ def take_snapshot(conn: Any, prefix: str, query_chars: int = QUERY_CHARS) -> Sna
 
 
 def _backend(row: tuple[Any, ...], prefix: str) -> Backend:
-    pid, app_name, user, state, state_s, xact_s, query_s, wait, query, started, addr = row
+    pid, app_name, user, state, state_s, xact_s, query_s, wait, query, started, addr, port = row
     return Backend(
         pid=pid,
         application_name=app_name or "",
@@ -288,6 +290,7 @@ def _backend(row: tuple[Any, ...], prefix: str) -> Backend:
         query=query,
         backend_start=started,
         client_addr=addr,
+        client_port=port,
     )
 
 

@@ -72,6 +72,16 @@ def timed_run(
     return Measure(tasks_per_s=n / elapsed, sessions=server.session_count(database) - before)
 
 
+def median_ms(action: Callable[[], Any], rounds: int) -> float:
+    """Median milliseconds of ``rounds`` calls of ``action``."""
+    timings = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        action()
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
 def medians(measures: Iterable[Measure]) -> tuple[float, float]:
     """Median tasks/s and median new sessions of several runs."""
     listed = list(measures)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..procfs import process_rss
 from .django_project import TASKS, sandbox_worker
 from .postgres import EmbeddedPostgres, PostgresServer, server_from_url
 from .redis import EmbeddedRedis
@@ -271,6 +272,45 @@ class Demo:
             )
         )
 
+    # --- the report: the same load on both, sampled over time (lifeguard validate) -----
+
+    def report_records(self, progress: Progress, count: int = 60, mib: float = 1.0) -> list[Any]:
+        """Stock and lifeguard workers under the same load (one query and 1 MiB kept per
+        task), each sampled by ``lifeguard validate``'s machinery: connections by state,
+        RSS per child with its recycles, tasks/s, and the validation's criteria."""
+        from ..monitor.report import Monitor
+        from ..monitor.target import resolve_target
+        from ..monitor.thresholds import Thresholds
+        from ..validate.load import TaskCall
+        from ..validate.run import Settings, Validation
+
+        records = []
+        for mode, options, title in (
+            ("stock", {}, "stock Celery"),
+            (
+                "lifeguard",
+                {"memory_growth_limit": "24MiB"},
+                "lifeguard (memory_growth_limit 24MiB)",
+            ),
+        ):
+            progress(f"report: {count} tasks that query and keep {mib:g} MiB, {mode}")
+            with self.worker(mode, options=json.dumps(options)) as client:
+                monitor = Monitor(
+                    resolve_target(self.server.url(self.database)), self.PREFIX, Thresholds()
+                )
+                settings = Settings(
+                    call=TaskCall(f"{TASKS}.query_and_leak", (mib,), {}, client.worker.queue),
+                    count=count,
+                    concurrency=4,
+                    settle=1.5,
+                    interval=0.25,
+                    warmup_rounds=1,
+                )
+                result = Validation(client.app, monitor, settings, app_name=title).run()
+            result.record.title = f"{title}: {count} tasks, one query and {mib:g} MiB kept each"
+            records.append(result.record)
+        return records
+
     def attribution(self, progress: Progress) -> None:
         progress("who holds the backends?")
         with self.worker("lifeguard") as client:
@@ -289,11 +329,4 @@ class Demo:
 
 
 def _rss(pid: int) -> int:
-    """Resident memory of a process of this host, from /proc (0 when it is gone)."""
-    import os
-
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
+    return process_rss(pid) or 0

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from ..procfs import child_pids
+
 
 class WorkerFailedToStart(RuntimeError):
     pass
@@ -42,17 +44,6 @@ def sandbox_settings(
     if quiet:
         settings["LIFEGUARD_SANDBOX_QUIET"] = "1"
     return settings
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of a process (the prefork pool's workers)."""
-    found: list[int] = []
-    task_dir = Path(f"/proc/{pid}/task")
-    with contextlib.suppress(OSError):
-        for task in task_dir.iterdir():
-            with contextlib.suppress(OSError):
-                found += [int(p) for p in (task / "children").read_text().split()]
-    return sorted(set(found))
 
 
 class CeleryWorker:

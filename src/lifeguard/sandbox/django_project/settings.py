@@ -55,11 +55,8 @@ def _database(url: str) -> dict[str, object]:
     }
 
 
-DATABASES = {
-    "default": _database(
-        os.environ.get("LIFEGUARD_SANDBOX_DB_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    )
-}
+DB_URL = os.environ.get("LIFEGUARD_SANDBOX_DB_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DATABASES = {"default": _database(DB_URL)}
 
 _broker = os.environ.get("LIFEGUARD_SANDBOX_BROKER_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = _broker

@@ -157,6 +157,31 @@ def task_class(self: Any) -> list[str]:
     return [cls.__name__ for cls in type(self).__mro__]
 
 
+# Raw connections opened by leak_connection and never closed, like a module-level cache.
+LEAKED_CONNECTIONS: list[Any] = []
+
+
+@shared_task
+def leak_connection() -> int:
+    """Opens a raw psycopg connection beside Django's, queries, and never closes it.
+
+    The leak ``lifeguard validate`` must catch: one more idle backend per task, held by
+    the worker process until it exits. Named ``<prefix>:leak``, so the test fixtures see
+    it go away when the worker stops.
+    """
+    import psycopg
+    from django.conf import settings
+
+    leaked = psycopg.connect(
+        settings.DB_URL,
+        application_name=f"{settings.PREFIX}:leak",
+        autocommit=True,
+    )
+    leaked.execute("SELECT 1")
+    LEAKED_CONNECTIONS.append(leaked)
+    return int(leaked.info.backend_pid)
+
+
 # What the leaking task keeps forever, like a cache that never forgets.
 LEAKED: list[bytes] = []
 
@@ -166,3 +191,11 @@ def leak(mib: float) -> dict[str, Any]:
     """Keeps ``mib`` MiB (every page written) for the life of the process."""
     LEAKED.append(b"\x01" * int(mib * 1024 * 1024))
     return {"worker_pid": os.getpid(), "leaked_mib": len(LEAKED) * mib}
+
+
+@shared_task
+def query_and_leak(mib: float) -> dict[str, Any]:
+    """One query, then keeps ``mib`` MiB: the demo report's load (connections and memory)."""
+    info = _backend()
+    LEAKED.append(b"\x01" * int(mib * 1024 * 1024))
+    return info
