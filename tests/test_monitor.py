@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from lifeguard.cli import main
 from lifeguard.monitor.report import Monitor
 from lifeguard.monitor.snapshot import QUERY_CHARS
-from lifeguard.monitor.target import from_url
+from lifeguard.monitor.target import connect, from_url, time_limited
 from lifeguard.monitor.thresholds import Thresholds
 from lifeguard.sandbox.postgres import EmbeddedPostgres, PostgresServer, free_port
 
@@ -43,6 +43,7 @@ from .monitor_support import (
     start_lifeguard,
     wait_for,
 )
+from .pgbouncer_support import running_pgbouncer
 from .support import Database
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -398,6 +399,49 @@ def test_database_url_from_the_environment(monitor_db: Database):
     )
     assert result.returncode == OK, result.stdout + result.stderr
     assert "(from LIFEGUARD_DATABASE_URL)" in json.loads(result.stdout)["target"]
+
+
+# --- the monitor's own footprint ----------------------------------------------------------
+
+
+def test_a_monitor_query_that_overruns_is_cancelled_and_leaves_nothing_set(
+    monitor_db: Database,
+):
+    conn = connect(from_url(monitor_db.url, "test"), timeout=0.2)
+    try:
+        with (
+            pytest.raises(Exception, match="statement timeout"),
+            time_limited(conn, 0.2),
+            conn.cursor() as cur,
+        ):
+            cur.execute("SELECT pg_sleep(30)")
+        with conn.cursor() as cur:
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone()[0] == "0"
+            cur.execute("SELECT 1")  # the connection is usable, out of any transaction
+            assert cur.fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+def test_monitor_behind_a_transaction_pooler_leaves_no_setting_for_the_next_client(
+    monitor_db: Database,
+):
+    # One server connection behind PgBouncer: whatever the monitor leaves set on it,
+    # the next client gets.
+    with running_pgbouncer(monitor_db.server, monitor_db.name, pool_size=1) as url:
+        for _ in range(2):
+            assert check(url).exit_code == OK
+        live = lifeguard(
+            "monitor", "--database-url", url, "--count", "7", "--interval", "0.2", "--json"
+        )
+        assert live.returncode == 0, live.stderr  # seven snapshots: psycopg never prepared
+
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as client:
+            timeout = client.execute("SHOW statement_timeout").fetchone()
+            assert timeout is not None and timeout[0] == "0"
 
 
 # --- lifeguard monitor -----------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_add_engine_accepts_engines_and_factories(guard: lifeguard.Lifeguard) ->
 def test_async_task_outside_a_worker(guard: lifeguard.Lifeguard) -> None:
     """Eager and direct calls run the coroutine on the process's loop thread."""
 
-    @lifeguard.async_task(guard.app, bind=True)
+    @lifeguard.async_task(guard.app, bind=True, shared=False)  # not on other tests' apps
     async def add(self, a: int, b: int) -> int:
         await asyncio.sleep(0)
         return a + b
@@ -112,7 +112,7 @@ def test_run_async_refuses_a_running_loop(guard: lifeguard.Lifeguard) -> None:
 def test_async_task_needs_lifeguard() -> None:
     app = Celery("no-lifeguard")
 
-    @app.task(base=lifeguard.AsyncTask)
+    @app.task(base=lifeguard.AsyncTask, shared=False)
     async def t() -> int:
         return 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lifeguard.appname import application_name, hostname_matches, parse_application_name
+from lifeguard.appname import application_name, parse_application_name
 from lifeguard.errors import ConfigurationError
 from lifeguard.hooks import OutcomeKind, PoolKind, TaskOutcome
 from lifeguard.options import Options, options_from_conf
@@ -18,7 +18,10 @@ def test_application_name_fits_63_bytes_keeping_prefix_and_pid():
     assert name.startswith("lifeguard:hhh") and name.endswith(":4194304")
     parsed = parse_application_name(name, "lifeguard")
     assert parsed is not None and parsed.pid == 4194304
-    assert hostname_matches(parsed.hostname, "h" * 100)
+    # The monitor joins a backend to a worker by rebuilding the name from (host, pid):
+    # a shortened host still matches its own worker, never a host it is a prefix of.
+    assert application_name("lifeguard", "h" * 100, 4194304) == name
+    assert application_name("lifeguard", "h" * 10, 4194304) != name
 
 
 def test_application_name_is_printable_ascii():

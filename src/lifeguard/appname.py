@@ -60,9 +60,3 @@ def parse_application_name(value: str | None, prefix: str) -> WorkerProcessName 
     if not sep or not pid_text.isdigit():
         return None
     return WorkerProcessName(prefix=prefix, hostname=host, pid=int(pid_text))
-
-
-def hostname_matches(short: str, full: str) -> bool:
-    """Whether a possibly shortened hostname from ``application_name`` is ``full``."""
-    full = _printable_ascii(full).replace(":", "_")
-    return full == short or (len(short) > 0 and full.startswith(short) and len(full) > len(short))

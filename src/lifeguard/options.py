@@ -130,23 +130,35 @@ _SIZE_UNITS = {
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
+def size_in_bytes(value: str | int | float) -> int:
+    """A size in bytes: an integer, or a string with a unit ('512MiB', '1.5GB', '256k').
+
+    Raises ValueError saying which units exist. Used by options and command-line flags.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string with a unit")
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = _SIZE_PATTERN.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError("units: B, KiB, MiB, GiB, KB, MB, GB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 def _to_size(name: str, value: Any, minimum: int) -> int | None:
-    """A size in bytes: an integer, or a string with a unit ('512MiB', '1.5GB', '256k')."""
+    """An option's size in bytes; None (off) for None, '' or 'none'."""
     if value is None or (isinstance(value, str) and value.strip().lower() in {"none", ""}):
         return None
     if isinstance(value, bool):
         raise ConfigurationError(f"lifeguard option {name!r} must be a size, not {value!r}")
-    if isinstance(value, (int, float)):
-        size = int(value)
-    else:
-        match = _SIZE_PATTERN.match(str(value))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _SIZE_UNITS:
-            raise ConfigurationError(
-                f"lifeguard option {name!r} must be a size such as '512MiB' or '2GB', "
-                f"not {value!r} (units: B, KiB, MiB, GiB, KB, MB, GB)."
-            )
-        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    try:
+        size = size_in_bytes(value if isinstance(value, (int, float)) else str(value))
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"lifeguard option {name!r} must be a size such as '512MiB' or '2GB', "
+            f"not {value!r} ({exc})."
+        ) from None
     if size < minimum:
         raise ConfigurationError(
             f"lifeguard option {name!r} is {value!r}, i.e. {size} bytes: integers are bytes. "

@@ -37,15 +37,17 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    """``5MiB``, ``512KiB``, ``1MB`` -> bytes."""
-    from ..options import _to_size
+    """``5MiB``, ``512KiB``, ``1MB`` -> bytes (at least 1 KiB: a bare number is bytes)."""
+    from ..options import size_in_bytes
 
     try:
-        size = _to_size(param.name or "size", value, minimum=1024)
-    except ConfigurationError:
-        size = None
-    if size is None:
-        raise click.BadParameter(f"{value!r} is not a size such as 5MiB or 512KiB")
+        size = size_in_bytes(value)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{value!r} is not a size such as 5MiB or 512KiB ({exc})"
+        ) from None
+    if size < 1024:
+        raise click.BadParameter(f"{value!r} is {size} bytes; give a unit, e.g. {size}KiB")
     return size
 
 

@@ -19,6 +19,7 @@ Times the hosts, plus each web process (one connection per alias, or its pool's
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .context import DjangoAlias, DoctorContext, EngineInfo, WorkerShape
@@ -117,35 +118,47 @@ def engine_per_process(engine: EngineInfo, shape: WorkerShape) -> tuple[int, str
     )
 
 
+def worker_lines(
+    aliases: Iterable[DjangoAlias], engines: Iterable[EngineInfo], shape: WorkerShape
+) -> list[BudgetLine]:
+    """What each task process of a worker of ``shape`` may hold, per alias and engine.
+
+    ``lifeguard validate`` uses it too, with the shape of each running worker.
+    """
+    lines: list[BudgetLine] = []
+    for alias in aliases:
+        per_process, how = django_per_process(alias, shape)
+        lines.append(BudgetLine(f"Django {alias.where}", per_process, shape.processes, how))
+    for engine in engines:
+        per_process, how = engine_per_process(engine, shape)
+        lines.append(BudgetLine(f"SQLAlchemy {engine.label}", per_process, shape.processes, how))
+    return lines
+
+
 def connection_budget(ctx: DoctorContext, endpoint: str, usable: int) -> Budget:
     """The budget of the app's connections to the server at ``endpoint``."""
     shape = ctx.shape
-    worker_lines: list[BudgetLine] = []
-    web_lines: list[BudgetLine] = []
-    elsewhere: list[str] = []
-    for alias in ctx.postgres_aliases():
-        if alias.endpoint != endpoint:
-            elsewhere.append(f"Django {alias.description}")
-            continue
-        per_process, how = django_per_process(alias, shape)
-        what = f"Django {alias.where}"
-        worker_lines.append(BudgetLine(what, per_process, shape.processes, how))
-        if shape.web_processes:
-            per_web = alias.pool_max_size if alias.pool is not None else 1
-            web_lines.append(BudgetLine(what, per_web, shape.web_processes, "per web process"))
-    for engine in ctx.all_engines():
-        if engine.dialect != "postgresql":
-            continue
-        if engine.endpoint != endpoint:
-            elsewhere.append(f"SQLAlchemy {engine.label}")
-            continue
-        per_process, how = engine_per_process(engine, shape)
-        worker_lines.append(
-            BudgetLine(f"SQLAlchemy {engine.label}", per_process, shape.processes, how)
+    engines = [engine for engine in ctx.all_engines() if engine.dialect == "postgresql"]
+    here = [alias for alias in ctx.postgres_aliases() if alias.endpoint == endpoint]
+    engines_here = [engine for engine in engines if engine.endpoint == endpoint]
+    elsewhere = [
+        f"Django {alias.description}"
+        for alias in ctx.postgres_aliases()
+        if alias.endpoint != endpoint
+    ] + [f"SQLAlchemy {engine.label}" for engine in engines if engine.endpoint != endpoint]
+    web_lines = [
+        BudgetLine(
+            f"Django {alias.where}",
+            alias.pool_max_size if alias.pool is not None else 1,
+            shape.web_processes,
+            "per web process",
         )
+        for alias in here
+        if shape.web_processes
+    ]
     return Budget(
         hosts=shape.hosts,
-        worker_lines=tuple(worker_lines),
+        worker_lines=tuple(worker_lines(here, engines_here, shape)),
         web_lines=tuple(web_lines),
         usable=usable,
         elsewhere=tuple(elsewhere),

@@ -14,9 +14,9 @@ PostgreSQL setting. The pool mode is then read from PgBouncer's admin console (d
 ``pgbouncer``, same credentials), which answers only users listed in ``admin_users`` or
 ``stats_users``; otherwise it stays unknown unless ``--pgbouncer MODE`` says it.
 
-Everything runs in one transaction with ``SET LOCAL statement_timeout``: behind a pooler
-in transaction mode a session-level ``SET`` would stay on a server connection other
-clients get next.
+Everything runs in one :func:`~lifeguard.monitor.target.time_limited` transaction: behind
+a pooler in transaction mode a session-level ``SET`` would stay on a server connection
+other clients get next.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ..monitor.target import (
     from_guard,
     from_url,
     one_line_error,
+    time_limited,
 )
 
 if TYPE_CHECKING:
@@ -121,18 +122,16 @@ def read_server(
 
     ``console``: when a pooler is found, ask its admin console for the pool mode.
     """
-    conn = connect(target, timeout, session_statement_timeout=False)
+    conn = connect(target, timeout)
     module = driver()
     announced_pid = _announced_backend_pid(conn)
     try:
-        conn.autocommit = False
-        with conn.cursor() as cur:
-            cur.execute(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
-            cur.execute("SELECT pg_backend_pid()")
-            server_pid = int(cur.fetchone()[0])
-        snapshot = take_snapshot(conn, prefix)
-        settings = _read_settings(conn)
-        conn.rollback()
+        with time_limited(conn, timeout):
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                server_pid = int(cur.fetchone()[0])
+            snapshot = take_snapshot(conn, prefix)
+            settings = _read_settings(conn)
     except module.Error as exc:
         raise DatabaseUnreachable(
             f"cannot read the server settings of {target}: {one_line_error(exc, target)}"
@@ -205,7 +204,7 @@ def _ask_console(target: DatabaseTarget, timeout: float) -> Pooler | None:
     console = _console_target(target)
     module = driver()
     try:
-        conn = connect(console, timeout, session_statement_timeout=False)
+        conn = connect(console, timeout)
     except DatabaseUnreachable:
         return None
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .attribution import WorkerTasks
 from .snapshot import Backend, Snapshot
-from .target import sqlstate
+from .target import sqlstate, time_limited
 
 logger = logging.getLogger("lifeguard.monitor")
 
@@ -76,6 +76,7 @@ def terminate_stale(
     *,
     dry_run: bool = True,
     tasks: WorkerTasks | None = None,
+    timeout: float = 5.0,
 ) -> list[Action]:
     """Terminate (or, dry run, list) the prefix's backends idle in transaction too long."""
     actions: list[Action] = []
@@ -94,7 +95,7 @@ def terminate_stale(
         elif missing_grant is not None:
             action = _failed(action, missing_grant)
         else:
-            action = _terminate(conn, snapshot, backend, older_than, action)
+            action = _terminate(conn, snapshot, backend, older_than, action, timeout=timeout)
             if action.error is not None and "GRANT" in action.error:
                 missing_grant = action.error
         actions.append(action)
@@ -102,7 +103,13 @@ def terminate_stale(
 
 
 def _terminate(
-    conn: Any, snapshot: Snapshot, backend: Backend, older_than: float, action: Action
+    conn: Any,
+    snapshot: Snapshot,
+    backend: Backend,
+    older_than: float,
+    action: Action,
+    *,
+    timeout: float,
 ) -> Action:
     params = {
         "pid": backend.pid,
@@ -111,7 +118,7 @@ def _terminate(
         "older_than": float(older_than),
     }
     try:
-        with conn.cursor() as cur:
+        with time_limited(conn, timeout), conn.cursor() as cur:
             cur.execute(_TERMINATE, params)
             row = cur.fetchone()
     except Exception as exc:

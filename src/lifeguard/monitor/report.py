@@ -24,7 +24,14 @@ from .snapshot import (
     session_rates,
     take_snapshot,
 )
-from .target import DatabaseTarget, DatabaseUnreachable, connect, driver, one_line_error
+from .target import (
+    DatabaseTarget,
+    DatabaseUnreachable,
+    connect,
+    driver,
+    one_line_error,
+    time_limited,
+)
 from .thresholds import Finding, Severity, Thresholds, evaluate, status
 
 #: The window connection-error rates are averaged over in ``lifeguard monitor``.
@@ -211,7 +218,12 @@ class Monitor:
         actions: list[Action] = []
         if self.terminate:
             actions = terminate_stale(
-                self._conn, snapshot, self.terminate_after, dry_run=self.dry_run, tasks=tasks
+                self._conn,
+                snapshot,
+                self.terminate_after,
+                dry_run=self.dry_run,
+                tasks=tasks,
+                timeout=self.connect_timeout,
             )
         return Report(
             target=str(self.target),
@@ -235,7 +247,8 @@ class Monitor:
         if self._conn is None:
             self._conn = connect(self.target, self.connect_timeout)
         try:
-            return take_snapshot(self._conn, self.prefix)
+            with time_limited(self._conn, self.connect_timeout):
+                return take_snapshot(self._conn, self.prefix)
         except driver().OperationalError as exc:  # connection lost, server restarting
             self.close()
             raise DatabaseUnreachable(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -193,15 +194,14 @@ def one_line_error(exc: BaseException, target: DatabaseTarget) -> str:
     return text
 
 
-def connect(
-    target: DatabaseTarget, timeout: float = 5.0, *, session_statement_timeout: bool = True
-) -> Any:
+def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
     """An autocommit DB-API connection (psycopg 3, else psycopg2) for the monitor.
 
-    Its queries time out after ``timeout`` seconds too: a monitor must never hang.
-    ``session_statement_timeout=False`` sets nothing on the session (the caller uses
-    ``SET LOCAL``): behind a pooler in transaction mode a session ``SET`` stays on a
-    server connection that other clients get next.
+    It sets nothing on the session: its queries run in :func:`time_limited`
+    transactions, so that behind a pooler in transaction mode no setting stays on a server
+    connection other clients get next. For the same pooler, psycopg 3 never prepares
+    (``lifeguard monitor`` repeats one query; a prepared statement would be missing on the
+    next server connection).
     """
     keywords = dict(target.keywords)
     keywords["connect_timeout"] = str(max(1, round(timeout)))
@@ -210,14 +210,36 @@ def connect(
     try:
         conn = module.connect(target.dsn, **keywords)
         conn.autocommit = True
-        if session_statement_timeout:
-            with conn.cursor() as cur:
-                cur.execute(f"SET statement_timeout = {int(timeout * 1000)}")
+        if hasattr(conn, "prepare_threshold"):  # psycopg 3
+            conn.prepare_threshold = None
     except module.Error as exc:
         raise DatabaseUnreachable(
             f"cannot connect to {target}: {one_line_error(exc, target)}"
         ) from None
     return conn
+
+
+@contextmanager
+def time_limited(conn: Any, timeout: float) -> Iterator[None]:
+    """A transaction on the autocommit ``conn`` whose statements time out after ``timeout``.
+
+    A monitor must never hang on a busy server. ``SET LOCAL`` ends with the transaction,
+    which commits when the block succeeds and rolls back when it raises.
+    """
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+    try:
+        yield
+    except BaseException:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+        except Exception:  # the connection is gone; the caller's error says why
+            pass
+        raise
+    with conn.cursor() as cur:
+        cur.execute("COMMIT")
 
 
 def driver() -> Any:

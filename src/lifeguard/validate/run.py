@@ -17,10 +17,9 @@ Samples are taken every ``interval`` seconds throughout, by a thread of their ow
 
 from __future__ import annotations
 
-import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -231,11 +230,7 @@ class Validation:
         """The connections the workers may hold, and how that number was reached."""
         if self.settings.budget is not None:
             return self.settings.budget, "--budget"
-        aliases = database_aliases()
-        return self.concurrency * aliases, (
-            f"the workers' concurrency {self.concurrency} x {aliases} PostgreSQL "
-            f"{'database' if aliases == 1 else 'databases'}"
-        )
+        return workers_budget(self.app, self.nodes)
 
     def _judge(
         self,
@@ -468,17 +463,28 @@ def _memory_json(samples: list[Sample]) -> list[dict[str, Any]]:
     return list(first.values())
 
 
-def database_aliases() -> int:
-    """PostgreSQL databases each task process may connect to: the Django aliases when
-    Django is configured, else 1."""
-    try:
-        from django.conf import settings
-    except ImportError:
-        return 1
-    if not (settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE")):
-        return 1
-    try:
-        databases = settings.DATABASES
-    except Exception:
-        return 1
-    return max(1, sum(1 for entry in databases.values() if "postg" in str(entry.get("ENGINE"))))
+def workers_budget(app: Any, nodes: Sequence[WorkerNode]) -> tuple[int, str]:
+    """The connections the running workers may hold, and how: doctor's budget of the app's
+    PostgreSQL aliases and engines (pool sizes included), for each worker's pool and
+    concurrency. An app with neither counts one connection per task slot."""
+    from ..doctor.budget import BudgetLine, worker_lines
+    from ..doctor.context import Setting, WorkerShape, django_aliases, engine_infos
+    from ..guard import current_guard
+
+    aliases = django_aliases() or ()
+    engines = [e for e in engine_infos(current_guard(app)) or () if e.dialect == "postgresql"]
+    total, parts = 0, []
+    for node in nodes:
+        shape = WorkerShape(
+            pool=Setting("pool", node.pool, "the worker"),
+            concurrency=Setting("concurrency", node.concurrency, "the worker"),
+            max_tasks_per_child=None,
+            max_memory_per_child=None,
+        )
+        lines = worker_lines(aliases, engines, shape) or [
+            BudgetLine("one connection per task slot", shape.units, shape.processes, "")
+        ]
+        total += sum(line.per_host for line in lines)
+        terms = " + ".join(f"{line.processes} x {line.per_process} {line.what}" for line in lines)
+        parts.append(f"{node.name} ({node.pool.value} -c {node.concurrency}): {terms}")
+    return total, "; ".join(parts)
