@@ -226,9 +226,8 @@ def time_limited(conn: Any, timeout: float) -> Iterator[None]:
     A monitor must never hang on a busy server. ``SET LOCAL`` ends with the transaction,
     which commits when the block succeeds and rolls back when it raises.
     """
-    with conn.cursor() as cur:
-        cur.execute("BEGIN")
-        cur.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+    with conn.cursor() as cur:  # one round trip
+        cur.execute(f"BEGIN; SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
     try:
         yield
     except BaseException:
