@@ -19,7 +19,7 @@ from lifeguard.sandbox.redis import find_redis
 from lifeguard.sandbox.worker import CeleryWorker
 
 from .sqla_support import sqla_tasks, sqla_worker  # noqa: F401  (fixtures)
-from .support import Database, SandboxTasks, worker_fixture
+from .support import Database, SandboxTasks, scratch_database, worker_fixture
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +29,11 @@ def pg() -> PostgresServer:
 
 @pytest.fixture(scope="session")
 def test_db(pg: PostgresServer) -> Iterator[Database]:
-    name = f"lifeguard_t_{uuid.uuid4().hex[:8]}"
-    pg.create_database(name)
-    db = Database(pg, name)
-    db.execute("CREATE TABLE lifeguard_sandbox_items (id serial PRIMARY KEY, value text NOT NULL)")
-    yield db
-    pg.drop_database(name)
+    with scratch_database(pg, "t") as db:
+        db.execute(
+            "CREATE TABLE lifeguard_sandbox_items (id serial PRIMARY KEY, value text NOT NULL)"
+        )
+        yield db
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +88,17 @@ class Database:
             [self.name, prefix + ":%"],
         )
         return int(rows[0][0])
+
+
+@contextlib.contextmanager
+def scratch_database(server: PostgresServer, tag: str) -> Iterator[Database]:
+    """A new database of the scenario's own, dropped afterwards: only its sessions are in it."""
+    name = f"lifeguard_{tag}_{uuid.uuid4().hex[:8]}"
+    server.create_database(name)
+    try:
+        yield Database(server, name)
+    finally:
+        server.drop_database(name)
 
 
 class SandboxTasks:

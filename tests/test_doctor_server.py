@@ -19,7 +19,7 @@ from lifeguard.sandbox.postgres import PostgresServer, free_port
 
 from .doctor_support import CRITICAL, OK, UNKNOWN, WARNING, doctor, role, usable_slots
 from .pgbouncer_support import running_pgbouncer
-from .support import Database
+from .support import Database, scratch_database
 
 TUNED = {
     "idle_in_transaction_session_timeout": "1min",
@@ -30,10 +30,8 @@ TUNED = {
 
 @pytest.fixture(scope="module")
 def doctor_db(pg: PostgresServer) -> Iterator[Database]:
-    name = f"lifeguard_d_{uuid.uuid4().hex[:8]}"
-    pg.create_database(name)
-    yield Database(pg, name)
-    pg.drop_database(name)
+    with scratch_database(pg, "d") as db:
+        yield db
 
 
 @pytest.fixture(scope="module")
@@ -265,14 +263,9 @@ def test_a_critical_finding_wins_over_an_unreadable_database():
 
 
 def test_a_role_without_connect_privilege(pg: PostgresServer, roles: dict[str, str]):
-    name = f"lifeguard_locked_{uuid.uuid4().hex[:8]}"
-    pg.create_database(name)
-    try:
-        with pg.admin() as conn:
-            conn.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM PUBLIC')
-        run = doctor("clean", "--database-url", pg.url(name, user=roles["bare"]))
-    finally:
-        pg.drop_database(name)
+    with scratch_database(pg, "locked") as locked:
+        locked.admin(f'REVOKE CONNECT ON DATABASE "{locked.name}" FROM PUBLIC')
+        run = doctor("clean", "--database-url", pg.url(locked.name, user=roles["bare"]))
 
     assert run.exit_code == UNKNOWN
     reason = run.report["context"]["database"]["reason"]

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +43,7 @@ from .monitor_support import (
     wait_for,
 )
 from .pgbouncer_support import running_pgbouncer
-from .support import Database
+from .support import Database, scratch_database
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
@@ -52,10 +51,8 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 @pytest.fixture(scope="module")
 def monitor_db(pg: PostgresServer) -> Iterator[Database]:
     """A database of this module's own: only the scenario's sessions are in it."""
-    name = f"lifeguard_m_{uuid.uuid4().hex[:8]}"
-    pg.create_database(name)
-    yield Database(pg, name)
-    pg.drop_database(name)
+    with scratch_database(pg, "m") as db:
+        yield db
 
 
 @pytest.fixture
