@@ -24,9 +24,9 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from lifeguard.sandbox.bench import run_benchmark
-from lifeguard.sandbox.django_project import TASKS, sandbox_worker
-from lifeguard.sandbox.worker import CeleryWorker
+from _harness import run_benchmark
+from lifeguard.demo.project import TASKS, sandbox_worker
+from lifeguard.demo.worker import CeleryWorker
 
 POOL = '{"min_size": 1, "max_size": 2}'
 

@@ -32,9 +32,10 @@ from typing import Any
 from celery import Celery, signals
 from celery.app.trace import build_tracer
 
+import _harness  # noqa: F401  (the checkout on the path, for the harness apps)
 from lifeguard import TaskOutcome, TaskRun
+from lifeguard.concerns.memory import MemoryWatchdog
 from lifeguard.guard import Lifeguard
-from lifeguard.memory import MemoryWatchdog
 
 TARGET_US = 15.0
 
@@ -156,8 +157,8 @@ def in_process(tasks: int, rounds: int) -> None:
 
 
 def real_worker(tasks: int, rounds: int) -> None:
-    from lifeguard.sandbox.redis import find_redis
-    from lifeguard.sandbox.worker import CeleryWorker
+    from lifeguard.demo.redis import find_redis
+    from lifeguard.demo.worker import CeleryWorker
 
     redis_url = f"{find_redis()}/14"
     client = Celery("bench-client", broker=redis_url, backend=redis_url)
@@ -171,16 +172,13 @@ def real_worker(tasks: int, rounds: int) -> None:
                 "LIFEGUARD_SANDBOX_MODE": "stock" if options is None else "lifeguard",
                 "LIFEGUARD_SANDBOX_OPTIONS": json.dumps(options or {}),
             }
-            worker = CeleryWorker(
-                "lifeguard.sandbox.memory_app", concurrency=1, queue=queue, env=env
-            )
+            worker = CeleryWorker("tests.harness.memory_app", concurrency=1, queue=queue, env=env)
             workers[name] = (worker.start(), queue)
 
         def batch(queue: str) -> float:
             start = time.perf_counter()
             sent = [
-                client.send_task("lifeguard.sandbox.memory_app.noop", queue=queue)
-                for _ in range(tasks)
+                client.send_task("tests.harness.memory_app.noop", queue=queue) for _ in range(tasks)
             ]
             for result in sent:
                 result.get(timeout=120)

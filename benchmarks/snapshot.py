@@ -24,12 +24,12 @@ from typing import Any
 
 import psycopg
 
+from _harness import median_ms
+from lifeguard.demo.postgres import EmbeddedPostgres
 from lifeguard.monitor.report import Monitor
 from lifeguard.monitor.snapshot import take_snapshot
 from lifeguard.monitor.target import connect, from_url
 from lifeguard.monitor.thresholds import Thresholds
-from lifeguard.sandbox.bench import median_ms
-from lifeguard.sandbox.postgres import EmbeddedPostgres
 
 PREFIX = "bench"
 GUIDE = "SELECT count(*), state FROM pg_stat_activity WHERE datname = %s GROUP BY state"

@@ -25,9 +25,10 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from lifeguard.sandbox.bench import run_benchmark
-from lifeguard.sandbox.sqla_worker import APP, sandbox_worker
-from lifeguard.sandbox.worker import CeleryWorker
+from tests.harness.sqla_worker import APP, sandbox_worker
+
+from _harness import run_benchmark
+from lifeguard.demo.worker import CeleryWorker
 
 POOL_SIZE = 1
 

@@ -29,12 +29,12 @@ from typing import Any
 
 from celery import Celery
 
+from _harness import median_ms, production_like_server
+from lifeguard.demo.project import TASKS, sandbox_worker
+from lifeguard.demo.redis import find_redis
 from lifeguard.monitor.report import Monitor
 from lifeguard.monitor.target import from_url
 from lifeguard.monitor.thresholds import Thresholds
-from lifeguard.sandbox.bench import median_ms, production_like_server
-from lifeguard.sandbox.django_project import TASKS, sandbox_worker
-from lifeguard.sandbox.redis import find_redis
 from lifeguard.validate.load import Load, TaskCall
 from lifeguard.validate.sampler import Sampler
 from lifeguard.validate.workers import ProcessSampler, WorkerNode, find_workers

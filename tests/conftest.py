@@ -2,7 +2,7 @@
 
 Servers come from LIFEGUARD_TEST_DATABASE_URL / LIFEGUARD_TEST_BROKER_URL when set,
 else the local ones when they answer, else embedded ones started for the session
-(see lifeguard.sandbox). Each session works in a database of its own, dropped at the end.
+(see lifeguard.demo). Each session works in a database of its own, dropped at the end.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterator
 import pytest
 from celery import Celery
 
-from lifeguard.sandbox.django_project import sandbox_worker as django_sandbox_worker
-from lifeguard.sandbox.postgres import PostgresServer, find_postgres
-from lifeguard.sandbox.redis import find_redis
-from lifeguard.sandbox.worker import CeleryWorker
-
-from .sqla_support import sqla_tasks, sqla_worker  # noqa: F401  (fixtures)
-from .support import Database, SandboxTasks, scratch_database, worker_fixture
+from lifeguard.demo.postgres import PostgresServer, find_postgres
+from lifeguard.demo.project import sandbox_worker as django_sandbox_worker
+from lifeguard.demo.redis import find_redis
+from lifeguard.demo.worker import CeleryWorker
+from tests.sqla_support import sqla_tasks, sqla_worker  # noqa: F401  (fixtures)
+from tests.support import Database, SandboxTasks, scratch_database, worker_fixture
 
 
 @pytest.fixture(scope="session")

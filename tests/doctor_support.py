@@ -15,9 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from lifeguard.sandbox.postgres import PostgresServer
-
-from .monitor_support import role as login_role
+from lifeguard.demo.postgres import PostgresServer
+from tests.monitor_support import role as login_role
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = "tests.doctor_apps"

@@ -17,9 +17,8 @@ from typing import Any
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from lifeguard.sandbox.postgres import PostgresServer
-
-from .support import Database
+from lifeguard.demo.postgres import PostgresServer
+from tests.support import Database
 
 HOST = "web-1"  # the host in the application_name of hand-made sessions
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lifeguard.sandbox.postgres import PostgresServer, _port_open, _run_as_user, free_port
+from lifeguard.demo.postgres import PostgresServer, _port_open, _run_as_user, free_port
 
 PGBOUNCER = shutil.which("pgbouncer") or (
     "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None

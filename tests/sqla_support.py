@@ -10,11 +10,10 @@ from collections.abc import Callable, Iterator
 import pytest
 from celery import Celery
 
-from lifeguard.sandbox.sqla_worker import APP as SQLA_APP
-from lifeguard.sandbox.sqla_worker import sandbox_worker
-from lifeguard.sandbox.worker import CeleryWorker
-
-from .support import Database, SandboxTasks, worker_fixture
+from lifeguard.demo.worker import CeleryWorker
+from tests.harness.sqla_worker import APP as SQLA_APP
+from tests.harness.sqla_worker import sandbox_worker
+from tests.support import Database, SandboxTasks, worker_fixture
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from lifeguard.sandbox.django_project import TASKS
-from lifeguard.sandbox.postgres import PostgresServer
+from lifeguard.demo.postgres import PostgresServer
+from lifeguard.demo.project import TASKS
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .sqla_support import SqlaWorkerFactory
-from .support import Database, SandboxTasks, assert_clean
+from tests.sqla_support import SqlaWorkerFactory
+from tests.support import Database, SandboxTasks, assert_clean
 
 
 @pytest.mark.compat
@@ -43,7 +43,7 @@ def test_async_tasks_reuse_pooled_connections(
     assert all(len(b) <= 2 for b in backends_per_process.values()), backends_per_process
     assert sqla_tasks.run_many("async_one_query", 4) == [1] * 4
     if kind != "prefork":  # one process: its counters saw every task, by task name
-        counted = sqla_tasks.run("guard_stats")["tasks"]["lifeguard.sandbox.sqla_app.async_touch"]
+        counted = sqla_tasks.run("guard_stats")["tasks"]["tests.harness.sqla_app.async_touch"]
         assert counted["connections_opened"] <= 2
         assert counted["connections_opened"] + counted["connections_reused"] == 16
     assert_clean(test_db, prefix, 2 * concurrency * 2)
@@ -69,7 +69,7 @@ def test_soft_time_limit_cancels_the_coroutine(
     assert len(sqla_tasks.run_many("async_touch", 3)) == 3
     assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
     assert_clean(test_db, prefix, 2)
-    stats = sqla_tasks.run("guard_stats")["tasks"]["lifeguard.sandbox.sqla_app.async_sleep_query"]
+    stats = sqla_tasks.run("guard_stats")["tasks"]["tests.harness.sqla_app.async_sleep_query"]
     assert stats["connections_discarded"] == {"interrupted": 1}
 
 
@@ -80,4 +80,4 @@ def test_green_pools_are_refused_at_worker_start(sqla_worker: SqlaWorkerFactory,
 
     assert worker.run_to_exit() == 78
     assert "async def tasks can't run under the gevent pool" in worker.log
-    assert "lifeguard.sandbox.sqla_app.async_touch" in worker.log
+    assert "tests.harness.sqla_app.async_touch" in worker.log

@@ -12,7 +12,7 @@ import time
 import celery
 import pytest
 
-from .support import Database, SandboxTasks, assert_clean
+from tests.support import Database, SandboxTasks, assert_clean
 
 CELERY_56_PLUS = tuple(int(x) for x in celery.__version__.split(".")[:2]) >= (5, 6)
 

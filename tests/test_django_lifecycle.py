@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from lifeguard.sandbox.postgres import EmbeddedPostgres
-
-from .support import Database, SandboxTasks
+from lifeguard.demo.postgres import EmbeddedPostgres
+from tests.support import Database, SandboxTasks
 
 
 @pytest.mark.compat
@@ -38,9 +37,7 @@ def test_connection_leaked_by_a_thread_is_closed(
     assert leaked["backend"] not in pids
     assert own["backend"] in pids
     stats = tasks.run("guard_stats")
-    assert (
-        stats["tasks"]["lifeguard.sandbox.django_project.tasks.query_in_thread"]["leaks_found"] == 1
-    )
+    assert stats["tasks"]["lifeguard.demo.project.tasks.query_in_thread"]["leaks_found"] == 1
     assert (
         "query_in_thread leaked a default connection opened by thread 'sandbox-helper'"
         in worker.log

@@ -8,7 +8,7 @@ import time
 import celery
 import pytest
 
-from .support import Database, SandboxTasks
+from tests.support import Database, SandboxTasks
 
 CELERY_VERSION = tuple(int(x) for x in celery.__version__.split(".")[:2])
 

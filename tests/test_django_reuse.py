@@ -5,7 +5,7 @@ from __future__ import annotations
 import celery
 import pytest
 
-from .support import Database, SandboxTasks
+from tests.support import Database, SandboxTasks
 
 CELERY_56_PLUS = tuple(int(x) for x in celery.__version__.split(".")[:2]) >= (5, 6)
 

@@ -15,9 +15,8 @@ import django as django_module
 import pytest
 
 from lifeguard.doctor.registry import FAILED
-
-from .doctor_support import CRITICAL, OK, UNKNOWN, WARNING, doctor, manage_check
-from .support import Database
+from tests.doctor_support import CRITICAL, OK, UNKNOWN, WARNING, doctor, manage_check
+from tests.support import Database
 
 CELERY = tuple(int(part) for part in celery.__version__.split(".")[:2])
 NATIVE_POOL = django_module.VERSION >= (5, 1)
@@ -549,9 +548,8 @@ def test_a_worker_starts_with_the_check_app_installed(redis_url: str, prefix: st
     # the worker.
     from celery import Celery
 
-    from lifeguard.sandbox.worker import CeleryWorker
-
-    from .doctor_support import ROOT
+    from lifeguard.demo.worker import CeleryWorker
+    from tests.doctor_support import ROOT
 
     queue = f"q-{prefix}"
     settings = {

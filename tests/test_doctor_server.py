@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from lifeguard.sandbox.postgres import PostgresServer, free_port
-
-from .doctor_support import CRITICAL, OK, UNKNOWN, WARNING, doctor, role, usable_slots
-from .pgbouncer_support import running_pgbouncer
-from .support import Database, scratch_database
+from lifeguard.demo.postgres import PostgresServer, free_port
+from tests.doctor_support import CRITICAL, OK, UNKNOWN, WARNING, doctor, role, usable_slots
+from tests.pgbouncer_support import running_pgbouncer
+from tests.support import Database, scratch_database
 
 TUNED = {
     "idle_in_transaction_session_timeout": "1min",

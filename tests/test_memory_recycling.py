@@ -1,6 +1,6 @@
 """Worker memory scenarios on real ``celery worker`` processes (Redis broker and backend).
 
-The sandbox app (:mod:`lifeguard.sandbox.memory_app`) has a task that leaks (keeps
+The sandbox app (:mod:`tests.harness.memory_app`) has a task that leaks (keeps
 2 MiB in a module-level list), one that spikes (allocates and frees 50 MiB), and one
 that keeps nothing. Every task counts its executions in a Redis hash, so a task lost or
 run twice by a recycle shows.
@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from lifeguard.sandbox.memory_app import executions_key
-from lifeguard.sandbox.worker import CeleryWorker
+from lifeguard.demo.worker import CeleryWorker
+from tests.harness.memory_app import executions_key
 
-APP = "lifeguard.sandbox.memory_app"
+APP = "tests.harness.memory_app"
 LEAK = f"{APP}.leak"
 MIB = 1024 * 1024
 

@@ -8,8 +8,14 @@ import pytest
 from celery import Celery
 
 from lifeguard import ConfigurationError, PoolKind, TaskOutcome, TaskRun, WorkerInfo
+from lifeguard.concerns.memory import (
+    MemoryWatchdog,
+    RssReader,
+    SlopeWindow,
+    TaskMemory,
+    top_growers,
+)
 from lifeguard.guard import Lifeguard
-from lifeguard.memory import MemoryWatchdog, RssReader, SlopeWindow, TaskMemory, top_growers
 from lifeguard.options import Options
 
 MIB = 1024 * 1024

@@ -20,13 +20,12 @@ import pytest
 from click.testing import CliRunner
 
 from lifeguard.cli import main
+from lifeguard.demo.postgres import EmbeddedPostgres, PostgresServer, free_port
 from lifeguard.monitor.report import Monitor
 from lifeguard.monitor.snapshot import QUERY_CHARS
 from lifeguard.monitor.target import connect, from_url, time_limited
 from lifeguard.monitor.thresholds import Thresholds
-from lifeguard.sandbox.postgres import EmbeddedPostgres, PostgresServer, free_port
-
-from .monitor_support import (
+from tests.monitor_support import (
     ABORTED,
     ACTIVE,
     HOST,
@@ -42,8 +41,8 @@ from .monitor_support import (
     start_lifeguard,
     wait_for,
 )
-from .pgbouncer_support import running_pgbouncer
-from .support import Database, scratch_database
+from tests.pgbouncer_support import running_pgbouncer
+from tests.support import Database, scratch_database
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
@@ -553,7 +552,7 @@ def test_stale_transaction_is_shown_with_the_task_holding_it(
     # The operator's view: the app's settings name the database and the prefix.
     sandbox_env = {k: v for k, v in worker.env.items() if k.startswith("LIFEGUARD_SANDBOX_")}
     result = lifeguard(
-        "check", "-A", "lifeguard.sandbox.django_project.celery_app", "--json", "--no-state",
+        "check", "-A", "lifeguard.demo.project.celery_app", "--json", "--no-state",
         "--idle-in-transaction-warning", "0.5", env=sandbox_env,
     )  # fmt: skip
     assert result.returncode == WARNING, result.stdout + result.stderr
@@ -563,7 +562,7 @@ def test_stale_transaction_is_shown_with_the_task_holding_it(
     [finding] = report["findings"]
     [stale] = finding["backends"]
     assert stale["pid"] == backend
-    assert stale["task"] == f"lifeguard.sandbox.django_project.tasks.hold_transaction[{running.id}]"
+    assert stale["task"] == f"lifeguard.demo.project.tasks.hold_transaction[{running.id}]"
     held = {b["pid"]: b for b in report["worker_backends"]}
     assert held[backend]["tasks"][0]["id"] == running.id
     assert held[backend]["worker_pid"] in worker.children()

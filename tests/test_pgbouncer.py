@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from .pgbouncer_support import running_pgbouncer
-from .sqla_support import SqlaWorkerFactory
-from .support import Database, SandboxTasks
+from tests.pgbouncer_support import running_pgbouncer
+from tests.sqla_support import SqlaWorkerFactory
+from tests.support import Database, SandboxTasks
 
 
 @pytest.fixture

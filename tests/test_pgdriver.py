@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from lifeguard import pgdriver
-from lifeguard.pgdriver import Problem, TransactionStatus
-
-from .support import Database
+from lifeguard.postgres import driver as pgdriver
+from lifeguard.postgres.driver import Problem, TransactionStatus
+from tests.support import Database
 
 
 @pytest.fixture(params=["psycopg", "psycopg2"])

@@ -10,10 +10,9 @@ import asyncio
 import time
 from typing import Any
 
-from lifeguard import pgdriver
-from lifeguard.pgdriver import Problem, TransactionStatus
-
-from .support import Database
+from lifeguard.postgres import driver as pgdriver
+from lifeguard.postgres.driver import Problem, TransactionStatus
+from tests.support import Database
 
 
 async def _connect(db: Database) -> Any:

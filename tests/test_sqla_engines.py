@@ -13,10 +13,9 @@ from celery import Celery
 from sqlalchemy import create_engine, text
 
 import lifeguard
-from lifeguard.appname import application_name
-
-from .sqla_support import SqlaWorkerFactory
-from .support import Database, SandboxTasks, assert_clean
+from lifeguard.postgres.appname import application_name
+from tests.sqla_support import SqlaWorkerFactory
+from tests.support import Database, SandboxTasks, assert_clean
 
 
 @pytest.mark.compat

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .sqla_support import SqlaWorkerFactory
-from .support import Database, SandboxTasks, assert_clean
+from tests.sqla_support import SqlaWorkerFactory
+from tests.support import Database, SandboxTasks, assert_clean
 
 
 @pytest.mark.compat
@@ -95,7 +95,7 @@ def test_task_that_leaks_a_checked_out_connection(
     assert sqla_tasks.run("count_items", "leaked-write") == 0
     assert len(sqla_tasks.run_many("touch", 3)) == 3
     assert_clean(test_db, prefix, 1)
-    stats = sqla_tasks.run("guard_stats")["tasks"]["lifeguard.sandbox.sqla_app.leak_connection"]
+    stats = sqla_tasks.run("guard_stats")["tasks"]["tests.harness.sqla_app.leak_connection"]
     assert stats["leaks_found"] == 1
     assert stats["transactions_rolled_back"] == 1
     assert "leak_connection ended with 1 connection(s)" in worker.log
@@ -147,5 +147,5 @@ def test_threads_pool_sessions_and_leaks_per_task(
     assert len(sqla_tasks.run_many("touch", 8)) == 8
     assert_clean(test_db, prefix, 2)
     tasks = sqla_tasks.run("guard_stats")["tasks"]
-    assert tasks["lifeguard.sandbox.sqla_app.leak_connection"]["leaks_found"] == 1
-    assert "leaks_found" not in tasks["lifeguard.sandbox.sqla_app.touch"]
+    assert tasks["tests.harness.sqla_app.leak_connection"]["leaks_found"] == 1
+    assert "leaks_found" not in tasks["tests.harness.sqla_app.touch"]

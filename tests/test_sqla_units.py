@@ -10,11 +10,11 @@ from celery import Celery
 from sqlalchemy import create_engine
 
 import lifeguard
+from lifeguard.concerns.sqlalchemy import _application_name_given
 from lifeguard.errors import ConfigurationError, LifeguardError
 from lifeguard.options import Options
-from lifeguard.pgbouncer import transaction_mode_connect_args
-from lifeguard.redact import describe_sqlalchemy_url
-from lifeguard.sqlalchemy_engines import _application_name_given
+from lifeguard.postgres.conninfo import describe_sqlalchemy_url
+from lifeguard.postgres.pgbouncer import transaction_mode_connect_args
 
 
 @pytest.fixture

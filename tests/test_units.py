@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lifeguard.appname import application_name, parse_application_name
 from lifeguard.errors import ConfigurationError
 from lifeguard.hooks import OutcomeKind, PoolKind, TaskOutcome
 from lifeguard.options import Options, options_from_conf
-from lifeguard.redact import describe_django_database, redact_url
+from lifeguard.postgres.appname import application_name, parse_application_name
+from lifeguard.postgres.conninfo import describe_django_database, redact_url
 from lifeguard.stats import Stats
 
 

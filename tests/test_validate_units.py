@@ -41,9 +41,8 @@ from lifeguard.validate import criteria
 from lifeguard.validate.load import Outcomes
 from lifeguard.validate.sampler import UNATTRIBUTED, Sample, Sampler, recycles
 from lifeguard.validate.workers import ProcessSampler, TaskProcess, WorkerNode
-
-from .support import Database
-from .validate_support import data_block
+from tests.support import Database
+from tests.validate_support import data_block
 
 MIB = 1024 * 1024
 HOST = socket.gethostname()

@@ -21,14 +21,13 @@ import pytest
 from celery import Celery, signals
 
 import lifeguard
+from lifeguard.concerns.metrics import Sample
+from lifeguard.demo.postgres import free_port
 from lifeguard.hooks import Hook
-from lifeguard.metrics import Sample
-from lifeguard.sandbox.postgres import free_port
+from tests.monitor_support import samples, scrape, wait_for
+from tests.support import SandboxTasks
 
-from .monitor_support import samples, scrape, wait_for
-from .support import SandboxTasks
-
-TOUCH = "lifeguard.sandbox.django_project.tasks.touch"
+TOUCH = "lifeguard.demo.project.tasks.touch"
 
 
 def metrics_options(port: int, **more: Any) -> str:

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lifeguard.demo.worker import CeleryWorker
 from lifeguard.report import DATA_ELEMENT_ID
-from lifeguard.sandbox.worker import CeleryWorker
+from tests.monitor_support import lifeguard
 
-from .monitor_support import lifeguard
-
-DJANGO_APP = "lifeguard.sandbox.django_project.celery_app"
-DJANGO_TASKS = "lifeguard.sandbox.django_project.tasks"
-MEMORY_APP = "lifeguard.sandbox.memory_app"
+DJANGO_APP = "lifeguard.demo.project.celery_app"
+DJANGO_TASKS = "lifeguard.demo.project.tasks"
+MEMORY_APP = "tests.harness.memory_app"
 
 
 @dataclass

@@ -8,12 +8,11 @@ One line in the module that creates the Celery app::
 
 from __future__ import annotations
 
-from .async_task import AsyncTask, async_task
+from .concerns.async_task import AsyncTask, async_task
 from .errors import ConfigurationError, LifeguardError
 from .guard import Lifeguard, current_guard, install
 from .hooks import Hook, OutcomeKind, PoolKind, TaskOutcome, TaskRun, WorkerInfo
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AsyncTask",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import weakref
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from . import registry
 from .hooks import Hook
 from .lifecycle import Lifecycle
 from .options import Options, options_from_conf
@@ -14,8 +14,6 @@ from .stats import Stats
 logger = logging.getLogger("lifeguard")
 
 _H = TypeVar("_H", bound=Hook)
-
-_guards: weakref.WeakKeyDictionary[Any, Lifeguard] = weakref.WeakKeyDictionary()
 
 
 class Lifeguard:
@@ -29,13 +27,13 @@ class Lifeguard:
         self.counters = Stats()
         self.hooks: list[Hook] = []
         self.lifecycle = Lifecycle(self)
-        from .control import RemoteControl
-        from .django_connections import DjangoConnections
-        from .event_loop import EventLoop
-        from .memory import MemoryWatchdog
-        from .metrics import WorkerMetrics
-        from .sqlalchemy_engines import SqlAlchemyEngines
-        from .sqlalchemy_sessions import TaskSessions
+        from .concerns.control import RemoteControl
+        from .concerns.django import DjangoConnections
+        from .concerns.event_loop import EventLoop
+        from .concerns.memory import MemoryWatchdog
+        from .concerns.metrics import WorkerMetrics
+        from .concerns.sessions import TaskSessions
+        from .concerns.sqlalchemy import SqlAlchemyEngines
 
         # Metrics first: hooks leave in reverse order, so its after_task sees every count.
         self.add_hook(WorkerMetrics())
@@ -124,7 +122,7 @@ def install(app: Any, **options: Any) -> Lifeguard:
     """
     from .errors import ConfigurationError
 
-    existing = _guards.get(app)
+    existing = current_guard(app)
     if existing is not None:
         if options and options != existing._arguments:
             raise ConfigurationError(
@@ -134,14 +132,10 @@ def install(app: Any, **options: Any) -> Lifeguard:
         return existing
     guard = Lifeguard(app, options)
     guard.lifecycle.connect()
-    _guards[app] = guard
+    registry.register(app, guard)
     return guard
 
 
 def current_guard(app: Any = None) -> Lifeguard | None:
     """The guard installed on ``app`` (default: Celery's current app), if any."""
-    if app is None:
-        from celery import current_app
-
-        app = current_app._get_current_object()
-    return _guards.get(app)
+    return cast("Lifeguard | None", registry.lookup(app))

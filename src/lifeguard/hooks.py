@@ -16,10 +16,13 @@ import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .guard import Lifeguard
+    import logging
+
+    from .options import Options
+    from .stats import Stats
 
 
 class PoolKind(str, enum.Enum):
@@ -120,6 +123,56 @@ class TaskRun:
     scratch: dict[str, Any] = field(default_factory=dict)
 
 
+class RunTracker(Protocol):
+    """What a concern may ask the lifecycle: where it runs and which task is current.
+
+    :class:`lifeguard.lifecycle.Lifecycle` is the implementation; concerns see only this.
+    """
+
+    worker: WorkerInfo | None
+
+    @property
+    def in_task_process(self) -> bool: ...
+
+    @property
+    def recycle_requested(self) -> bool: ...
+
+    def current_unit(self) -> Any: ...
+
+    def unit_alive(self, unit: Any) -> bool: ...
+
+    def current_run(self) -> TaskRun | None: ...
+
+    def adopt_run(self, run: TaskRun | None) -> None: ...
+
+    def active_runs(self) -> list[TaskRun]: ...
+
+    def announce(self, log: logging.Logger, level: int, message: str, *args: Any) -> None: ...
+
+    def prepare_recycling(self) -> None: ...
+
+    def request_recycle(self, reason: str) -> str | None: ...
+
+
+class GuardContext(Protocol):
+    """What a concern receives in :meth:`Hook.bind`: the app, the options, the counters,
+    the lifecycle and its sibling concerns. :class:`lifeguard.guard.Lifeguard` (which
+    composes the concerns) provides it; concerns never import the module that composes
+    them."""
+
+    app: Any
+    options: Options
+    counters: Stats
+    hooks: list[Hook]
+
+    @property
+    def lifecycle(self) -> RunTracker: ...
+
+    def hook(self, kind: type[Hook]) -> Any: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
 class Hook:
     """One concern of lifeguard. Every phase does nothing by default.
 
@@ -131,7 +184,7 @@ class Hook:
     #: Short name used in logs and as the key of this hook's section in ``guard.stats()``.
     name = "hook"
 
-    def bind(self, guard: Lifeguard) -> None:
+    def bind(self, guard: GuardContext) -> None:
         """Called once when the hook is added to a guard."""
         self.guard = guard
 

@@ -32,16 +32,13 @@ import contextvars
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from celery import signals
 
 from . import recycle, stats
 from .errors import ConfigurationError
-from .hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
-
-if TYPE_CHECKING:
-    from .guard import Lifeguard
+from .hooks import GuardContext, Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
 
 logger = logging.getLogger("lifeguard")
 
@@ -63,10 +60,17 @@ def _unwrap(app: Any) -> Any:
     return getter() if getter is not None else app
 
 
-class Lifecycle:
-    """Connects one :class:`~lifeguard.guard.Lifeguard` to Celery's signals."""
+class Composer(GuardContext, Protocol):
+    """The guard as the lifecycle sees it: the concerns' context, plus the resolution
+    of ``app.conf`` options once the worker's configuration is loaded."""
 
-    def __init__(self, guard: Lifeguard) -> None:
+    def configure(self) -> None: ...
+
+
+class Lifecycle:
+    """Connects one guard (:class:`lifeguard.guard.Lifeguard`) to Celery's signals."""
+
+    def __init__(self, guard: Composer) -> None:
         self.guard = guard
         self.worker: WorkerInfo | None = None
         self._process_pid: int | None = None

@@ -14,8 +14,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .appname import DEFAULT_PREFIX, validate_prefix
 from .errors import ConfigurationError
+from .postgres.appname import DEFAULT_PREFIX, validate_prefix
 
 CONF_PREFIX = "lifeguard_"
 

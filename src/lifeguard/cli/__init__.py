@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from ..version import __version__
 
 # name -> "module:attribute" of a click command, imported only when it runs.
 COMMANDS: dict[str, str] = {

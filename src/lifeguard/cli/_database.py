@@ -10,11 +10,11 @@ from typing import Any, TypeVar
 
 import click
 
-from ..appname import DEFAULT_PREFIX, validate_prefix
 from ..errors import ConfigurationError
 from ..monitor.report import Monitor
 from ..monitor.target import ENV_URL, resolve_target
 from ..monitor.thresholds import ConnectionLimit, Severity, Thresholds
+from ..postgres.appname import DEFAULT_PREFIX, validate_prefix
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -2,14 +2,14 @@
 
 With no arguments it needs no running services: it starts an embedded PostgreSQL
 (password authentication, TLS when the binaries have it) and an embedded Redis, and
-stops them at the end. The scenarios are in :mod:`lifeguard.sandbox.demo`.
+stops them at the end. The scenarios are in :mod:`lifeguard.demo.runner`.
 """
 
 from __future__ import annotations
 
 import click
 
-from ..redact import redact_url
+from ..postgres.conninfo import redact_url
 
 
 @click.command()
@@ -37,7 +37,7 @@ def demo(database_url: str | None, broker_url: str | None, tasks: int, report_pa
     from rich.table import Table
 
     try:
-        from ..sandbox.demo import Demo, Services
+        from ..demo.runner import Demo, Services
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise click.ClickException(
             f"the demo needs the 'demo' extra: pip install 'celery-lifeguard[demo]' ({exc})"

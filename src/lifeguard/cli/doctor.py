@@ -166,7 +166,7 @@ def _examine(
     """Load the app as a worker does and gather the doctor's context; raises
     :class:`ConfigurationError` (exit 3) when the app cannot be loaded."""
     from ..doctor.context import gather, import_task_modules, inspecting
-    from ..doctor.server import attach_server
+    from ..doctor.reading import attach_server
 
     with inspecting():
         app = load_app(app_name)

@@ -13,8 +13,9 @@ memory health, with the setting that fixes each finding.
 from __future__ import annotations
 
 from .context import DoctorContext, gather
-from .findings import Diagnosis, Finding, Level, Skipped
-from .registry import RULES, Rule, Skip, all_rules, diagnose
+from .findings import Diagnosis, Finding, Level, Skip, Skipped
+from .registry import RULES, Rule
+from .runner import all_rules, diagnose
 
 __all__ = [
     "RULES",

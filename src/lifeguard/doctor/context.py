@@ -31,8 +31,8 @@ from ..errors import ConfigurationError
 from ..hooks import PoolKind
 from ..monitor.target import django_databases
 from ..options import Options
-from ..redact import describe_django_database, describe_sqlalchemy_url
-from .registry import Skip
+from ..postgres.conninfo import describe_django_database, describe_sqlalchemy_url
+from .findings import Skip
 from .server import ServerInfo, endpoint
 
 #: A task with a time limit at least this long (seconds) counts as a long task.
@@ -546,7 +546,7 @@ def estimate_birth_rss(app: Any, django: tuple[DjangoAlias, ...] | None) -> int 
 
             for alias in django:
                 _ = connections[alias.alias].vendor  # imports the backend and its driver
-    from ..memory import read_rss_once
+    from ..concerns.memory import read_rss_once
 
     return read_rss_once()
 

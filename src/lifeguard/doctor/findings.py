@@ -101,3 +101,7 @@ class Diagnosis:
             level.value: sum(1 for finding in self.findings if finding.level is level)
             for level in (Level.CRITICAL, Level.WARNING, Level.INFO)
         }
+
+
+class Skip(Exception):
+    """Raised by a rule that cannot run; the message says why."""

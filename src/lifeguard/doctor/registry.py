@@ -8,13 +8,12 @@ reports it as skipped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .findings import Diagnosis, Finding, Skipped
+from .findings import Finding, Skip
 
 if TYPE_CHECKING:
     from .context import DoctorContext
@@ -22,10 +21,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lifeguard.doctor")
 
 Check = Callable[["DoctorContext"], Iterable[Finding]]
-
-
-class Skip(Exception):
-    """Raised by a rule that cannot run; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -54,32 +49,4 @@ def rule(rule_id: str, name: str, title: str) -> Callable[[Check], Check]:
     return register
 
 
-def all_rules() -> list[Rule]:
-    from . import rules  # noqa: F401  (registers every rule)
-
-    return [RULES[key] for key in sorted(RULES)]
-
-
-def diagnose(context: DoctorContext, ignore: Collection[str] = ()) -> Diagnosis:
-    """Run every rule (except ``ignore``d ids) on the context."""
-    findings: list[Finding] = []
-    skipped: list[Skipped] = []
-    for entry in all_rules():
-        if entry.id in ignore:
-            continue
-        try:
-            found = list(entry.check(context))
-        except Skip as reason:
-            skipped.append(Skipped(entry.id, entry.name, str(reason)))
-            continue
-        except Exception as exc:  # a broken rule must not hide the others' findings
-            logger.warning("lifeguard doctor: rule %s failed", entry.id, exc_info=True)
-            skipped.append(Skipped(entry.id, entry.name, f"{FAILED}: {type(exc).__name__}: {exc}"))
-            continue
-        findings += [dataclasses.replace(f, id=entry.id, rule=entry.name) for f in found]
-    findings.sort(key=lambda finding: (-finding.level.rank, finding.id))
-    return Diagnosis(
-        findings=tuple(findings),
-        skipped=tuple(skipped),
-        incomplete=context.server_failed,
-    )
+__all__ = ["FAILED", "RULES", "Check", "Rule", "Skip", "rule"]

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..appname import application_name
+from ..postgres.appname import application_name
 from .snapshot import Backend
 
 logger = logging.getLogger("lifeguard.monitor")

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..appname import WorkerProcessName, parse_application_name
+from ..postgres.appname import WorkerProcessName, parse_application_name
 
 #: How much of each backend's query text a snapshot keeps.
 QUERY_CHARS = 200

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ConfigurationError, LifeguardError
-from ..redact import describe_django_database, redact_url
+from ..postgres.conninfo import describe_django_database, redact_url
 
 ENV_URL = "LIFEGUARD_DATABASE_URL"
 #: How the monitor's own session shows in pg_stat_activity (never a worker's prefix).

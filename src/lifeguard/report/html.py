@@ -95,7 +95,7 @@ ul.notes { color: var(--muted); padding-left: 18px; }
 
 def render_html(records: RunRecord | Sequence[RunRecord], title: str | None = None) -> str:
     """The report page of one record, or of several one after another."""
-    from .. import __version__
+    from ..version import __version__
 
     items = [records] if isinstance(records, RunRecord) else list(records)
     page_title = title or (items[0].title if len(items) == 1 else "lifeguard report")

@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .. import __version__
 from ..monitor.report import Monitor
 from ..monitor.snapshot import SessionRates, Snapshot, session_rates
 from ..report.record import Criterion, Phase, RunRecord
+from ..version import __version__
 from . import charts, criteria
 from .load import Load, Outcomes, TaskCall
 from .sampler import Recycle, Sample, Sampler, recycles

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import procfs
-from ..control import COMMAND
+from ..concerns.control import COMMAND
 from ..errors import LifeguardError
 from ..hooks import PoolKind
 from ..monitor.attribution import node_host

@@ -25,7 +25,7 @@ from django.core import checks
 
 from ...doctor.context import DoctorContext, gather, import_task_modules, in_progress, inspecting
 from ...doctor.findings import Finding, Level
-from ...doctor.registry import all_rules, diagnose
+from ...doctor.runner import all_rules, diagnose
 from ...errors import ConfigurationError
 
 _LEVELS = {Level.CRITICAL: checks.Error, Level.WARNING: checks.Warning, Level.INFO: checks.Info}
@@ -46,7 +46,7 @@ def lifeguard_database_check(
 ) -> list[checks.CheckMessage]:
     if not databases or in_progress():
         return []
-    from ...doctor.server import read_into
+    from ...doctor.reading import read_into
     from ...monitor.target import from_django
 
     messages: list[checks.CheckMessage] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ...monitor.thresholds import Thresholds
-from ...pgbouncer import transaction_mode_connect_args
+from ...postgres.pgbouncer import transaction_mode_connect_args
 from ..budget import Budget, connection_budget
 from ..context import DjangoAlias, DoctorContext, EngineInfo
 from ..findings import Finding, Level

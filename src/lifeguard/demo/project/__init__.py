@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 
 from ..worker import CeleryWorker, sandbox_settings
 
-APP = "lifeguard.sandbox.django_project.celery_app"
-TASKS = "lifeguard.sandbox.django_project.tasks"
+APP = "lifeguard.demo.project.celery_app"
+TASKS = "lifeguard.demo.project.tasks"
 
 
 def sandbox_worker(

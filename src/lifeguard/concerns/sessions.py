@@ -22,11 +22,11 @@ import threading
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-from .hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
+from ..hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
 
 if TYPE_CHECKING:
     from .event_loop import EventLoop
-    from .sqlalchemy_engines import SqlAlchemyEngines
+    from .sqlalchemy import SqlAlchemyEngines
 
 logger = logging.getLogger("lifeguard.sqlalchemy")
 

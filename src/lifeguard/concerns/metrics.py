@@ -37,9 +37,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from . import stats
-from .errors import ConfigurationError
-from .hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
+from .. import stats
+from ..errors import ConfigurationError
+from ..hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
 
 logger = logging.getLogger("lifeguard.metrics")
 

@@ -1,4 +1,4 @@
-"""Workers of the SQLAlchemy sandbox app (:mod:`lifeguard.sandbox.sqla_app`).
+"""Workers of the SQLAlchemy sandbox app (:mod:`tests.harness.sqla_app`).
 
 Kept apart from the app module so tests and benchmarks can build workers without
 importing SQLAlchemy or creating the app's engines themselves.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .worker import CeleryWorker, sandbox_settings
+from lifeguard.demo.worker import CeleryWorker, sandbox_settings
 
-APP = "lifeguard.sandbox.sqla_app"
+APP = "tests.harness.sqla_app"
 
 
 def sandbox_worker(

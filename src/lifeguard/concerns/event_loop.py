@@ -28,9 +28,9 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from . import pgdriver
-from .errors import ConfigurationError, LifeguardError
-from .hooks import Hook, PoolKind, WorkerInfo
+from ..errors import ConfigurationError, LifeguardError
+from ..hooks import Hook, PoolKind, WorkerInfo
+from ..postgres import driver as pgdriver
 
 logger = logging.getLogger("lifeguard.asyncio")
 
@@ -77,10 +77,10 @@ class EventLoop(Hook):
             self.mode = LoopMode.THREAD
 
     def async_task_names(self) -> list[str]:
-        from .async_task import AsyncTask
-
         tasks = self.guard.app.tasks
-        return sorted(name for name, task in tasks.items() if isinstance(task, AsyncTask))
+        return sorted(
+            name for name, task in tasks.items() if getattr(task, "lifeguard_async", False)
+        )
 
     def on_process_start(self, worker: WorkerInfo, forked: bool) -> None:
         if forked:

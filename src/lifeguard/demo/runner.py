@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..procfs import process_rss
-from .django_project import TASKS, sandbox_worker
 from .postgres import EmbeddedPostgres, PostgresServer, server_from_url
+from .project import TASKS, sandbox_worker
 from .redis import EmbeddedRedis
 from .worker import CeleryWorker
 

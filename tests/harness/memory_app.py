@@ -1,6 +1,6 @@
 """A plain Celery app (no Django, no database) whose tasks leak, spike or do nothing.
 
-``celery -A lifeguard.sandbox.memory_app worker``; configured by the environment:
+``celery -A tests.harness.memory_app worker``; configured by the environment:
 
 LIFEGUARD_SANDBOX_BROKER_URL  broker and result backend (redis://...)
 LIFEGUARD_SANDBOX_QUEUE       default queue

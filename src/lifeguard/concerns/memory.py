@@ -36,10 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigurationError
-from .hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
+from ..errors import ConfigurationError
+from ..hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
+from ..options import Options
 from .metrics import Sample
-from .options import Options
 
 logger = logging.getLogger("lifeguard.memory")
 

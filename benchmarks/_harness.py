@@ -8,6 +8,7 @@ new server sessions from ``pg_stat_database.sessions`` (flushed once sessions en
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -16,8 +17,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .postgres import EmbeddedPostgres, PostgresServer
-from .worker import CeleryWorker
+from lifeguard.demo.postgres import EmbeddedPostgres, PostgresServer
+from lifeguard.demo.worker import CeleryWorker
+
+# The benchmarks run the test harness's sample apps (tests/harness): the checkout's root
+# goes on the path, here and in the workers they start.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 WARM_UP_TASKS = 20
 
@@ -144,7 +152,7 @@ def run_benchmark(description: str, configs: Sequence[Any], build: WorkerBuilder
 
     from celery import Celery
 
-    from .redis import find_redis
+    from lifeguard.demo.redis import find_redis
 
     args = parse_args(description)
     embedded, server, db_url = production_like_server(plain=args.plain)

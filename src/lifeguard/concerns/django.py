@@ -27,14 +27,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import pgdriver
-from . import stats as counters
-from .appname import application_name
+from .. import stats as counters
+from ..errors import ConfigurationError
+from ..hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
+from ..postgres import driver as pgdriver
+from ..postgres.appname import application_name
+from ..postgres.conninfo import describe_django_database
+from ..postgres.driver import Problem
 from .celery_fixup import CeleryDjangoFixup
-from .errors import ConfigurationError
-from .hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
-from .pgdriver import Problem
-from .redact import describe_django_database
 
 logger = logging.getLogger("lifeguard.django")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .hooks import Hook, WorkerInfo
+from ..hooks import Hook, WorkerInfo
 
 COMMAND = "lifeguard_processes"
 
@@ -46,11 +46,11 @@ def register() -> None:
 
 def lifeguard_processes(state: Any) -> dict[str, Any]:
     """The worker's task processes with their RSS (the answer to :data:`COMMAND`)."""
-    from . import __version__
-    from .guard import current_guard
-    from .procfs import process_rss
+    from ..procfs import process_rss
+    from ..registry import lookup
+    from ..version import __version__
 
-    guard = current_guard(state.app)
+    guard = lookup(state.app)
     worker = guard.lifecycle.worker if guard is not None else None
     pool = getattr(getattr(state, "consumer", None), "pool", None)
     info: dict[str, Any] = dict(getattr(pool, "info", None) or {})

@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
-from .errors import LifeguardError
+from .. import registry
+from ..errors import LifeguardError
 
 if TYPE_CHECKING:
-    from .guard import Lifeguard
-    from .hooks import TaskRun
+    from ..hooks import GuardContext, TaskRun
 
 
 class AsyncTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
     """Task base class whose ``run`` may be an ``async def``."""
 
     abstract = True
+    #: How :class:`~lifeguard.concerns.event_loop.EventLoop` recognises async tasks.
+    lifeguard_async = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Task.__call__ pushes the request and calls run(); for a coroutine function that
@@ -44,9 +46,8 @@ class AsyncTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
 def run_coroutine(app: Any, awaitable: Awaitable[Any]) -> Any:
     """Run a task's coroutine on the process's loop, as the current task run."""
     from .event_loop import EventLoop
-    from .guard import current_guard
 
-    guard = current_guard(app)
+    guard = registry.lookup(app)
     if guard is None:
         if inspect.iscoroutine(awaitable):
             awaitable.close()
@@ -59,10 +60,10 @@ def run_coroutine(app: Any, awaitable: Awaitable[Any]) -> Any:
     return loop.run(_as_task_run(guard, run, awaitable))
 
 
-async def _as_task_run(guard: Lifeguard, run: TaskRun | None, awaitable: Awaitable[Any]) -> Any:
+async def _as_task_run(guard: GuardContext, run: TaskRun | None, awaitable: Awaitable[Any]) -> Any:
     """The task's coroutine, with the task run current (it may execute on the loop's
     thread) and the task's async sessions closed on the loop when it ends."""
-    from .sqlalchemy_sessions import TaskSessions
+    from .sessions import TaskSessions
 
     guard.lifecycle.adopt_run(run)
     try:

@@ -1,6 +1,6 @@
 """A Celery app with SQLAlchemy engines, for the tests and the benchmark.
 
-``celery -A lifeguard.sandbox.sqla_app worker``. Both engines are created at import,
+``celery -A tests.harness.sqla_app worker``. Both engines are created at import,
 before the worker forks, as most applications do. Configured by environment variables:
 
 LIFEGUARD_SANDBOX_DB_URL        postgresql://user:password@host:port/name?sslmode=...
@@ -16,7 +16,7 @@ LIFEGUARD_SANDBOX_ASYNC_TASKS   0: define no async def task (for gevent workers)
 LIFEGUARD_SANDBOX_OPTIONS       JSON of lifeguard.install() options
 LIFEGUARD_SANDBOX_QUIET         set: no log line per task (benchmarks)
 
-Build workers with :func:`lifeguard.sandbox.sqla_worker.sandbox_worker`.
+Build workers with :func:`tests.harness.sqla_worker.sandbox_worker`.
 
 Modes. ``lifeguard``: ``guard.session(engine)`` in sync tasks, ``lifeguard.AsyncTask`` with
 a pooled AsyncEngine for async ones. ``stock``: what guides recommend today, a

@@ -31,14 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import pgdriver
-from . import stats as counters
-from .appname import application_name
-from .errors import ConfigurationError
-from .hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
-from .pgbouncer import transaction_mode_connect_args
-from .pgdriver import Problem, TransactionStatus
-from .redact import describe_sqlalchemy_url
+from .. import stats as counters
+from ..errors import ConfigurationError
+from ..hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
+from ..postgres import driver as pgdriver
+from ..postgres.appname import application_name
+from ..postgres.conninfo import describe_sqlalchemy_url
+from ..postgres.driver import Problem, TransactionStatus
+from ..postgres.pgbouncer import transaction_mode_connect_args
 
 if TYPE_CHECKING:
     from .event_loop import EventLoop
