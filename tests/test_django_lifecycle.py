@@ -97,9 +97,10 @@ def test_pool_with_persistent_connections_refuses_to_start(sandbox_worker):
 def test_unknown_option_in_configuration_refuses_to_start(sandbox_worker):
     worker = sandbox_worker(options='{"ping_afterr_idle": 3}', start=False)
     status = worker.run_to_exit()
-    assert status != 0
-    assert "Unknown lifeguard option 'lifeguard_ping_afterr_idle'" in worker.log
-    assert "Did you mean 'ping_after_idle'?" in worker.log
+    assert status == 78
+    # Named as written in the Django settings (namespace="CELERY"), suggestion included.
+    assert "Unknown lifeguard option 'CELERY_LIFEGUARD_PING_AFTERR_IDLE'" in worker.log
+    assert "Did you mean 'CELERY_LIFEGUARD_PING_AFTER_IDLE'?" in worker.log
 
 
 def test_long_idle_connection_gets_a_round_trip(sandbox_worker, tasks: SandboxTasks):

@@ -22,7 +22,7 @@ CELERY = tuple(int(part) for part in celery.__version__.split(".")[:2])
 NATIVE_POOL = django_module.VERSION >= (5, 1)
 needs_native_pool = pytest.mark.skipif(not NATIVE_POOL, reason="Django's pool needs 5.1+")
 OFFLINE = "--no-database"
-SERVER_RULES = {"LG015", "LG016", "LG017", "LG018", "LG019", "LG020"}
+SERVER_RULES = {"LG015", "LG016", "LG017", "LG018", "LG019", "LG020", "LG021"}
 
 
 def no_rule_failed(run) -> None:  # type: ignore[no-untyped-def]

@@ -243,14 +243,15 @@ def test_an_unreachable_database_skips_the_server_rules_and_exits_3():
     assert run.report["status"] == "UNKNOWN"
     reason = run.report["context"]["database"]["reason"]
     assert reason.startswith("cannot connect to postgresql://postgres:***@127.0.0.1:")
-    assert set(run.skipped) == {"LG015", "LG016", "LG017", "LG018", "LG019", "LG020"}
+    assert set(run.skipped) == {"LG015", "LG016", "LG017", "LG018", "LG019", "LG020", "LG021"}
     assert "s3cret" not in run.stdout + run.stderr
     assert "Traceback" not in run.stderr
 
     text = doctor("clean", "--database-url", dead, as_json=False)
     assert "database: not read (cannot connect to postgresql://postgres:***@" in text.flat
-    assert "SKIPPED LG015, LG016, LG017, LG018, LG019, LG020: the database was not read" in (
-        text.flat
+    assert (
+        "SKIPPED LG015, LG016, LG017, LG018, LG019, LG020, LG021: the database was not read"
+        in text.flat
     )
     assert text.stdout.rstrip().endswith("Exit status 3 (UNKNOWN)")
 

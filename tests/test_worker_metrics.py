@@ -144,7 +144,7 @@ def test_busy_port_leaves_the_worker_working(sandbox_worker, tasks: SandboxTasks
 def test_bad_metrics_port_stops_the_worker_at_start(sandbox_worker):
     worker = sandbox_worker(options='{"metrics_port": "ninety"}', start=False)
     assert worker.run_to_exit() != 0
-    assert "'metrics_port' must be a TCP port (1-65535) or None" in worker.log
+    assert "'CELERY_LIFEGUARD_METRICS_PORT' must be a TCP port (1-65535) or None" in worker.log
 
 
 # --- a concern's own figures ------------------------------------------------------------

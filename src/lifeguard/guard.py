@@ -6,9 +6,10 @@ import logging
 from typing import Any, TypeVar, cast
 
 from . import registry
+from .errors import ConfigurationError
 from .hooks import Hook
-from .lifecycle import Lifecycle
-from .options import Options, options_from_conf
+from .lifecycle import Lifecycle, WorkerStartupError, under_celery_command
+from .options import Options, conf_entries
 from .stats import Stats
 
 logger = logging.getLogger("lifeguard")
@@ -28,6 +29,7 @@ class Lifeguard:
         self.hooks: list[Hook] = []
         self.lifecycle = Lifecycle(self)
         from .concerns.control import RemoteControl
+        from .concerns.database_trouble import DatabaseTrouble
         from .concerns.django import DjangoConnections
         from .concerns.event_loop import EventLoop
         from .concerns.memory import MemoryWatchdog
@@ -39,11 +41,18 @@ class Lifeguard:
         self.add_hook(WorkerMetrics())
         self.add_hook(RemoteControl())  # lifeguard_processes, for `lifeguard validate`
         self.add_hook(DjangoConnections())
+        # Database trouble: hands back tasks that never reached the database, pauses the
+        # consumer during an outage, tells the Django concern when slots are scarce.
+        self.add_hook(DatabaseTrouble())
         # On the way out hooks run in reverse: sessions close before the leak sweep, and
         # async engines are disposed on the event loop before it closes.
         self.event_loop: EventLoop = self.add_hook(EventLoop())
         self.sqlalchemy: SqlAlchemyEngines = self.add_hook(SqlAlchemyEngines(self.event_loop))
         self.sessions: TaskSessions = self.add_hook(TaskSessions(self.sqlalchemy, self.event_loop))
+        from .concerns.result_backend import ResultBackendEngines
+
+        # Celery's db+ result backend: its engines are handed to the SQLAlchemy concern.
+        self.add_hook(ResultBackendEngines(self.sqlalchemy))
         # Last in, first out: its task phases sit closest to the task body, so the RSS
         # delta it measures is the task's, not the other concerns' cleanup.
         self.add_hook(MemoryWatchdog())
@@ -58,8 +67,10 @@ class Lifeguard:
     def resolve_options(self) -> Options:
         """The install() arguments over the ``lifeguard_*`` keys of ``app.conf``, as a
         worker resolves them at start; raises :class:`ConfigurationError`."""
-        from_conf = options_from_conf(self.app.conf, getattr(self.app, "namespace", None))
-        return Options.resolve(self._arguments, from_conf)
+        entries = conf_entries(self.app.conf, getattr(self.app, "namespace", None))
+        from_conf = {name: value for name, (_, value) in entries.items()}
+        spelled = {name: key for name, (key, _) in entries.items()}
+        return Options.resolve(self._arguments, from_conf, spelled)
 
     # --- SQLAlchemy and async tasks ------------------------------------------------------
 
@@ -119,9 +130,21 @@ def install(app: Any, **options: Any) -> Lifeguard:
     Options may be given here or in ``app.conf`` as ``lifeguard_<name>``; see
     :class:`lifeguard.options.Options`. Calling it again with the same options returns
     the same guard.
-    """
-    from .errors import ConfigurationError
 
+    A bad option raises :class:`ConfigurationError` (a typo fails at import), except
+    while Celery's command line (``celery -A proj worker``) loads the app: there the
+    message goes to stderr in one line and the process exits 78, as a worker refused by
+    its configuration does, instead of Celery's "Unable to load" and a traceback.
+    """
+    try:
+        return _install(app, options)
+    except ConfigurationError as exc:
+        if under_celery_command():
+            raise WorkerStartupError.report(str(exc)) from None
+        raise
+
+
+def _install(app: Any, options: dict[str, Any]) -> Lifeguard:
     existing = current_guard(app)
     if existing is not None:
         if options and options != existing._arguments:

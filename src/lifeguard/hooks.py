@@ -4,10 +4,12 @@
 (Django connections, SQLAlchemy engines, the event loop, memory, metrics) subclasses
 :class:`Hook` and overrides only the phases it needs. The order of a worker's life:
 
-``on_worker_start`` (MainProcess, once) -> ``on_process_start`` (each process that runs
+``on_worker_start`` (MainProcess, once) -> ``on_consumer_ready`` (MainProcess, when
+the consumer is up) and ``on_process_start`` (each process that runs
 tasks: a prefork child right after fork, or the worker process itself for the threads,
-gevent, eventlet and solo pools) -> for every task, ``before_task`` and ``after_task`` in
-the thread or greenlet that runs it -> ``on_process_stop`` -> ``on_worker_stop``.
+gevent, eventlet and solo pools) -> for every task, ``before_task``,
+``before_result_stored`` and ``after_task`` in the thread or greenlet that runs it ->
+``on_process_stop`` -> ``on_worker_stop``.
 """
 
 from __future__ import annotations
@@ -194,8 +196,20 @@ class Hook:
     def on_process_start(self, worker: WorkerInfo, forked: bool) -> None:
         """A process that will run tasks is ready; ``forked`` for a prefork child."""
 
+    def on_consumer_ready(self, consumer: Any) -> None:
+        """The MainProcess's consumer is consuming (``worker_ready``); ``consumer`` is
+        Celery's ``Consumer``: change it only through ``consumer.call_soon``."""
+
     def before_task(self, run: TaskRun) -> None:
         """A task is about to run, in the thread or greenlet that runs it."""
+
+    def before_result_stored(self, run: TaskRun, backend: Any) -> None:
+        """The task's body has ended and ``backend`` is about to store its outcome.
+
+        Celery stores a task's result before any signal tells of the outcome, so this is
+        the last moment to make the store independent of what the task left behind (a
+        transaction left open on the connection the backend writes through).
+        """
 
     def after_task(self, run: TaskRun, outcome: TaskOutcome) -> None:
         """A task has finished and its result is stored."""

@@ -8,12 +8,15 @@ Celery signal                          phase (see :mod:`lifeguard.hooks`)
 ``worker_process_init`` (prefork       ``on_process_start(forked=True)``
 child)
 ``task_prerun``                        ``before_task``
+backend ``mark_as_*`` (done, failure,  ``before_result_stored`` (not a signal:
+retry)                                 Celery stores, then signals the outcome)
 ``task_failure`` / ``task_retry``      remembered for the outcome
 ``task_postrun``                       ``after_task(outcome)``
 ``worker_process_shutdown``            ``on_process_stop`` (prefork child)
 ``worker_shutdown`` (MainProcess)      ``on_process_stop`` (pools that don't fork),
                                        then ``on_worker_stop``
-``worker_ready`` (MainProcess)         log what ``on_worker_start`` announced
+``worker_ready`` (MainProcess)         log what ``on_worker_start`` announced,
+                                       then ``on_consumer_ready(consumer)``
 =====================================  ==========================================
 
 A hook may ask for the process that runs tasks to be replaced between tasks
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import sys
 import threading
 from typing import Any, Protocol
 
@@ -41,6 +45,8 @@ from .errors import ConfigurationError
 from .hooks import GuardContext, Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
 
 logger = logging.getLogger("lifeguard")
+
+_STORE_WATCHED = "_lifeguard_store_watched"  # on a backend whose mark_as_* are wrapped
 
 
 class WorkerStartupError(SystemExit):
@@ -53,6 +59,32 @@ class WorkerStartupError(SystemExit):
     def __init__(self, message: str) -> None:
         super().__init__(78)
         self.message = message
+
+    @classmethod
+    def report(cls, message: str) -> WorkerStartupError:
+        """The error, its message written to stderr now in one line: used before
+        Celery's logging exists (while the app is imported), when nothing else would
+        show it (a ``SystemExit`` prints nothing)."""
+        sys.stderr.write(f"lifeguard: {' '.join(message.split())}\n")
+        sys.stderr.flush()
+        return cls(message)
+
+
+def under_celery_command() -> bool:
+    """True while Celery's command line (``celery -A proj worker``, ``beat``...) runs,
+    e.g. while it imports the app: its click context is the current one."""
+    cli = sys.modules.get("celery.bin.celery")
+    group = getattr(cli, "celery", None)
+    if group is None:
+        return False
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.command is group:
+            return True
+        ctx = ctx.parent
+    return False
 
 
 def _unwrap(app: Any) -> Any:
@@ -290,6 +322,39 @@ class Lifecycle:
             self._runs[id(unit)] = run
         self.guard.counters.incr(stats.TASKS, task=run.name)
         self._run("before_task", run)
+        self._watch_result_store(sender)
+
+    def _watch_result_store(self, task: Any) -> None:
+        """Run ``before_result_stored`` when ``task``'s backend stores the task's outcome.
+
+        Celery's tracer stores the outcome (``mark_as_done``, ``mark_as_failure``,
+        ``mark_as_retry``) before ``task_success``/``task_failure``/``task_postrun``, so
+        the backend instance the task uses (Celery keeps one per thread) gets
+        pass-through methods, once. ``update_state()`` from the body is not an outcome
+        and goes straight to ``store_result``: the phase never runs mid-task.
+        """
+        if not self._hooks_for("before_result_stored"):
+            return
+        try:
+            backend = task.backend
+            state = getattr(backend, "__dict__", None)
+            if state is None or state.get(_STORE_WATCHED) == self._uid:
+                return
+            for name in ("mark_as_done", "mark_as_failure", "mark_as_retry"):
+                setattr(backend, name, self._before_store(backend, getattr(backend, name)))
+            state[_STORE_WATCHED] = self._uid
+        except Exception:
+            logger.exception("lifeguard: watching the result backend failed; tasks are unaffected")
+            self.guard.counters.incr(stats.HOOK_ERRORS, reason="lifecycle.before_result_stored")
+
+    def _before_store(self, backend: Any, original: Any) -> Any:
+        def mark_as(task_id: str, *args: Any, **kwargs: Any) -> Any:
+            run = self.current_run()
+            if run is not None and run.id == task_id:
+                self._run("before_result_stored", run, backend)
+            return original(task_id, *args, **kwargs)
+
+        return mark_as
 
     def _on_task_failure(
         self,
@@ -321,10 +386,12 @@ class Lifecycle:
             with self._runs_lock:
                 self._runs.pop(id(run.unit), None)
 
-    def _on_worker_ready(self, **_: Any) -> None:
+    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         pending, self._announcements = self._announcements or [], None
         for log, level, message, args in pending:
             log.log(level, message, *args)
+        if self.worker is not None and self.worker.is_main_process and sender is not None:
+            self._run("on_consumer_ready", sender)
 
     def _on_worker_process_shutdown(self, **_: Any) -> None:
         self._stop_process()

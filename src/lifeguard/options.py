@@ -319,6 +319,33 @@ class Options:
         1, _task_count, "Frames of traceback tracemalloc keeps per allocation (more is slower)."
     )
 
+    # --- database trouble (see docs/database-trouble.md) ----------------------------
+    hand_back_unreachable: bool = _option(
+        True,
+        _to_bool,
+        "A task whose database connection failed transiently (server down, restarting, "
+        "no connection slot) before it ran any statement is handed back: re-published "
+        "with a delay, not failed, and its max_retries untouched. False lets it fail.",
+    )
+    hand_back_limit: int = _option(
+        10,
+        _task_count,
+        "Hand-backs of one task at most (waits of 0.5-1 s, doubling up to 30 s: about "
+        "2 to 4 minutes in all); then it fails with the real error.",
+    )
+    pause_after_failures: int = _option(
+        5,
+        _task_count_or_zero,
+        "Stop consuming new tasks after this many 'database unavailable' failures across "
+        "the worker within pause_window seconds, until a probe connects; 0 never pauses.",
+    )
+    pause_window: float = _option(
+        10.0,
+        _seconds,
+        "Seconds over which failures are counted for the pause; also how long after a "
+        "refusal for lack of slots idle connections are closed at task end.",
+    )
+
     # --- SQLAlchemy ---------------------------------------------------------------
     pgbouncer_transaction_mode: bool = _option(
         False,
@@ -335,42 +362,63 @@ class Options:
 
     @classmethod
     def resolve(
-        cls, arguments: Mapping[str, Any], conf: Mapping[str, Any] | None = None
+        cls,
+        arguments: Mapping[str, Any],
+        conf: Mapping[str, Any] | None = None,
+        spelled: Mapping[str, str] | None = None,
     ) -> Options:
         """Options from install() arguments over ``lifeguard_*`` configuration keys.
 
-        Unknown names raise :class:`ConfigurationError` naming the closest valid one.
+        ``spelled`` gives each ``conf`` name's key as the user wrote it (e.g.
+        ``CELERY_LIFEGUARD_PING_AFTER_IDLE``, see :func:`conf_entries`): errors name
+        it so. Unknown names raise :class:`ConfigurationError` naming the closest valid one.
         """
         known = {field.name: field for field in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
-        for source, mapping in (("app.conf", conf or {}), ("install()", arguments)):
+        for source, mapping in ((CONF, conf or {}), (INSTALL, arguments)):
             for name, raw in mapping.items():
+                written = name
+                if source == CONF:
+                    written = (spelled or {}).get(name) or f"{CONF_PREFIX}{name}"
                 if name not in known:
-                    raise ConfigurationError(_unknown_message(name, source, known))
-                values[name] = known[name].metadata["parse"](name, raw)
+                    raise ConfigurationError(_unknown_message(name, written, source, known))
+                values[name] = known[name].metadata["parse"](written, raw)
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _unknown_message(name: str, source: str, known: Mapping[str, Any]) -> str:
-    spelled = f"{CONF_PREFIX}{name}" if source == "app.conf" else name
+CONF = "the Celery configuration"
+INSTALL = "lifeguard.install()"
+
+
+def _unknown_message(name: str, written: str, source: str, known: Mapping[str, Any]) -> str:
+    """Names the option as written, and the closest valid one spelled the same way."""
     close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    head = written[: len(written) - len(name)]  # CELERY_LIFEGUARD_, lifeguard_ or nothing
+    hint = ""
+    if close:
+        # CELERY_LIFEGUARD_PING_AFTERR_IDLE -> CELERY_LIFEGUARD_PING_AFTER_IDLE
+        suggestion = head + (close[0].upper() if written.isupper() else close[0])
+        hint = f" Did you mean {suggestion!r}?"
+    where = "in lifeguard.install()" if source == INSTALL else f"in {source}"
     return (
-        f"Unknown lifeguard option {spelled!r} (from {source}).{hint} "
-        f"Valid options: {', '.join(sorted(known))}."
+        f"Unknown lifeguard option {written!r} {where}.{hint} "
+        f"Valid options{f' (after {head})' if head else ''}: {', '.join(sorted(known))}."
     )
 
 
-def options_from_conf(conf: Mapping[str, Any], namespace: str | None = None) -> dict[str, Any]:
-    """The ``lifeguard_*`` keys of a Celery configuration, without their prefix.
+def conf_entries(
+    conf: Mapping[str, Any], namespace: str | None = None
+) -> dict[str, tuple[str, Any]]:
+    """The ``lifeguard_*`` keys of a Celery configuration: option name -> (the key as
+    written, its value).
 
     Accepts ``lifeguard_x``, ``LIFEGUARD_X`` and, under a namespace such as ``CELERY``,
     ``CELERY_LIFEGUARD_X``.
     """
-    found: dict[str, Any] = {}
+    found: dict[str, tuple[str, Any]] = {}
     prefixes = [CONF_PREFIX]
     if namespace:
         prefixes.append(f"{namespace.lower()}_{CONF_PREFIX}")
@@ -378,6 +426,11 @@ def options_from_conf(conf: Mapping[str, Any], namespace: str | None = None) -> 
         lowered = str(key).lower()
         for prefix in prefixes:
             if lowered.startswith(prefix):
-                found[lowered[len(prefix) :]] = conf[key]
+                found[lowered[len(prefix) :]] = (str(key), conf[key])
                 break
     return found
+
+
+def options_from_conf(conf: Mapping[str, Any], namespace: str | None = None) -> dict[str, Any]:
+    """The ``lifeguard_*`` keys of a Celery configuration, without their prefix."""
+    return {name: value for name, (_, value) in conf_entries(conf, namespace).items()}

@@ -23,6 +23,8 @@ LEAKS_FOUND = "leaks_found"
 TASKS = "tasks"
 RECYCLES = "recycles"  # counted per reason: the process asked to be replaced
 HOOK_ERRORS = "hook_errors"
+TASKS_HANDED_BACK = "tasks_handed_back"  # counted per failure class (database trouble)
+HAND_BACKS_EXHAUSTED = "hand_backs_exhausted"  # a task failed after hand_back_limit
 
 _Key = tuple[str, str | None]  # (counter, reason)
 

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ..version import __version__
+from ._exit import ContractGroup
 
 # name -> "module:attribute" of a click command, imported only when it runs.
 COMMANDS: dict[str, str] = {
@@ -19,7 +20,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class _LazyGroup(click.Group):
+class _LazyGroup(ContractGroup):
     """Imports a subcommand's module only when that subcommand is used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:

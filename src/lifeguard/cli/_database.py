@@ -13,24 +13,17 @@ import click
 from ..errors import ConfigurationError
 from ..monitor.report import Monitor
 from ..monitor.target import ENV_URL, resolve_target
-from ..monitor.thresholds import ConnectionLimit, Severity, Thresholds
+from ..monitor.thresholds import ConnectionLimit, Thresholds
 from ..postgres.appname import DEFAULT_PREFIX, validate_prefix
+from ._exit import ContractCommand
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _DEFAULTS = Thresholds()
 
 
-class NagiosCommand(click.Command):
-    """A usage error exits 3 ("could not run"; UNKNOWN for Nagios): click's own 2 would
-    read as CRITICAL."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as exc:
-            setattr(exc, "exit_code", Severity.UNKNOWN.exit_code)  # noqa: B010
-            raise
+# The exit-status contract (0 ok, 1 warning, 2 critical, 3 could not run): _exit.py.
+NagiosCommand = ContractCommand
 
 
 def _apply(options: Sequence[Callable[[Any], Any]], function: F) -> F:
@@ -54,6 +47,22 @@ _TIMEOUT_OPTIONS: list[tuple[str, float, Any, str]] = [
         "Seconds to wait for the workers' answer to inspect().active(), with -A.",
     ),
 ]
+
+
+def _check_prefix(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse an unusable --prefix at the parser (``--prefix ""`` would match nothing)."""
+    if value is None:
+        return None
+    if not value:
+        raise click.BadParameter(
+            "is empty: give the application_name prefix of the workers' connections "
+            f"(their lifeguard option application_name_prefix, {DEFAULT_PREFIX!r} by "
+            "default), or leave --prefix out to use the app's"
+        )
+    problem = validate_prefix(value)
+    if problem:
+        raise click.BadParameter(problem)
+    return value
 
 
 def database_options(function: F) -> F:
@@ -81,6 +90,7 @@ def database_options(function: F) -> F:
             click.option(
                 "--prefix",
                 metavar="PREFIX",
+                callback=_check_prefix,
                 help="application_name prefix of the workers' connections "
                 f"(default: the app's lifeguard option, else {DEFAULT_PREFIX!r}).",
             ),

@@ -3,6 +3,10 @@
 With no arguments it needs no running services: it starts an embedded PostgreSQL
 (password authentication, TLS when the binaries have it) and an embedded Redis, and
 stops them at the end. The scenarios are in :mod:`lifeguard.demo.runner`.
+
+Exit status (docs/commands.md): 0 every scenario showed what it should, 1 one did not,
+3 could not run (a bad option, a given server malformed or not answering, Ctrl-C); the
+servers given are checked before anything starts.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ from __future__ import annotations
 import click
 
 from ..postgres.conninfo import redact_url
+from ._exit import ContractCommand, Exit, cannot_run
 
 
-@click.command()
+@click.command(cls=ContractCommand)
 @click.option(
     "--database-url",
     metavar="URL",
@@ -22,7 +27,13 @@ from ..postgres.conninfo import redact_url
 @click.option(
     "--broker-url", metavar="URL", help="A Redis URL to use instead of an embedded Redis."
 )
-@click.option("--tasks", default=300, show_default=True, help="Tasks in the throughput run.")
+@click.option(
+    "--tasks",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="Tasks in the throughput run.",
+)
 @click.option(
     "--report",
     "report_path",
@@ -37,15 +48,16 @@ def demo(database_url: str | None, broker_url: str | None, tasks: int, report_pa
     from rich.table import Table
 
     try:
-        from ..demo.runner import Demo, Services
+        from ..demo.runner import Demo, Services, ServiceUnavailable
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        raise click.ClickException(
-            f"the demo needs the 'demo' extra: pip install 'celery-lifeguard[demo]' ({exc})"
-        ) from exc
+        cannot_run(f"the demo needs the 'demo' extra: pip install 'celery-lifeguard[demo]' ({exc})")
 
     console = Console()
-    with console.status("starting services"):
-        services = Services.start(database_url, broker_url)
+    try:
+        with console.status("starting services"):
+            services = Services.start(database_url, broker_url)
+    except ServiceUnavailable as exc:
+        cannot_run(str(exc))
     run = Demo(services)
     try:
         console.print(f"PostgreSQL: {redact_url(services.server.url(run.database))}")
@@ -87,4 +99,4 @@ def demo(database_url: str | None, broker_url: str | None, tasks: int, report_pa
     written = write_html(records, report_path, title="lifeguard demo: stock Celery vs lifeguard")
     console.print(f"report: {written}")
     if not all(row.ok for row in run.rows):
-        raise SystemExit(1)
+        raise SystemExit(Exit.WARNING)

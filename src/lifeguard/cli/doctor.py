@@ -3,7 +3,7 @@ health, with the setting that fixes each finding.
 
 Loads the app as a worker would (its task modules and Django settings), reads the
 database server's settings when it can, runs every rule (docs/doctor.md) and prints the
-findings, worst first. Exit status, as ``lifeguard check``: 0 OK (no finding, or only
+findings, worst first. Exit status (docs/commands.md): 0 OK (no finding, or only
 info), 1 WARNING, 2 CRITICAL, 3 UNKNOWN (the app could not be loaded, a bad option, or
 the database could not be read; a critical finding still exits 2).
 """
@@ -18,6 +18,7 @@ import click
 from ..errors import ConfigurationError
 from ..monitor.target import ENV_URL
 from ._database import NagiosCommand, load_app
+from ._exit import Exit
 
 POOLS = ["prefork", "threads", "gevent", "eventlet", "solo"]
 PGBOUNCER_MODES = ["transaction", "statement", "session", "none"]
@@ -186,5 +187,5 @@ def _fail(ctx: click.Context, message: str, as_json: bool) -> NoReturn:
         click.echo(json.dumps(error_json(message)))
     else:
         click.echo(f"lifeguard doctor: {message}", err=True)
-    ctx.exit(3)
+    ctx.exit(Exit.CANNOT_RUN)
     raise AssertionError("unreachable: click's exit raises")

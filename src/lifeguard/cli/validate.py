@@ -1,10 +1,11 @@
-"""``lifeguard validate``: the seed guides' load test, run against your own workers.
+"""``lifeguard validate``: the commonly recommended load test, run against your own workers.
 
 Record a baseline of the database's connections, send a burst of tasks through your app,
 wait for them to drain, let connections settle, look again, and judge: idle connections
 back to the baseline (+10%), none idle in transaction, no connection errors, the workers
 within their connection budget, every task succeeded; with ``--soak``, no task process
-whose memory keeps growing. Exit status: 0 pass, 1 fail, 3 could not run.
+whose memory keeps growing. Exit status (docs/commands.md): 0 pass, 1 fail, 3 could not
+run.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import click
 from ..errors import ConfigurationError
 from ..monitor.target import DatabaseUnreachable
 from ._database import NagiosCommand, database_options, load_app, prefix_for
+from ._exit import Exit
 
-EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN = 0, 1, 3
+EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN = Exit.OK, Exit.WARNING, Exit.CANNOT_RUN
 MIB = 1024 * 1024
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$", re.IGNORECASE)
 _SECONDS_PER = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}

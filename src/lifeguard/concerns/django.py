@@ -35,6 +35,7 @@ from ..postgres.appname import application_name
 from ..postgres.conninfo import describe_django_database
 from ..postgres.driver import Problem
 from .celery_fixup import CeleryDjangoFixup
+from .database_trouble import DatabaseTrouble
 
 logger = logging.getLogger("lifeguard.django")
 
@@ -47,6 +48,7 @@ PING_FAILED = "ping_failed"
 GREENLET_SCOPE = "greenlet_scope"
 LEAKED = "leaked"
 SHUTDOWN = "shutdown"
+SLOTS_SCARCE = "slots_scarce"
 
 _ROLLBACK_REASONS = {Problem.IN_TRANSACTION.value, Problem.FAILED_TRANSACTION.value}
 _WARN_REASONS = {Problem.INTERRUPTED.value, Problem.IN_TRANSACTION.value, ATOMIC_BLOCK, LEAKED}
@@ -322,6 +324,48 @@ class DjangoConnections(Hook):
             self.guard.counters.incr(counters.CONNECTIONS_REUSED, task=run.name)
         self._close_unmanaged()
 
+    def before_result_stored(self, run: TaskRun, backend: Any) -> None:
+        """django-celery-results writes the result through the task's own connection:
+        a transaction the task left open would take the result with it when rolled back
+        at task end. Roll it back (and restore autocommit) before the result is written."""
+        if not self.enabled or not type(backend).__module__.startswith("django_celery_results"):
+            return
+        for _alias, wrapper in self._initialized():
+            raw = wrapper.connection
+            if raw is None:
+                continue
+            status = pgdriver.transaction_status(raw)
+            open_transaction = status in (
+                pgdriver.TransactionStatus.INTRANS,
+                pgdriver.TransactionStatus.INERROR,
+            )
+            autocommit = wrapper.settings_dict["AUTOCOMMIT"]
+            changed = wrapper.autocommit != autocommit
+            if not (open_transaction or changed or wrapper.in_atomic_block):
+                continue
+            logger.warning(
+                "lifeguard: task %s left a transaction open on the %s connection; rolled "
+                "it back before its result is stored (django-celery-results writes the "
+                "result through that connection, and would lose it with the transaction)",
+                run.name,
+                wrapper.alias,
+            )
+            if wrapper.in_atomic_block:
+                self._discard(wrapper, ATOMIC_BLOCK, run.name)  # rolls back, reconnects
+                continue
+            try:
+                if changed:
+                    wrapper.rollback()
+                    wrapper.set_autocommit(autocommit)
+                elif open_transaction and not pgdriver.rollback_quietly(raw):
+                    raise RuntimeError("rollback failed")
+            except Exception:
+                logger.debug("rollback before the result store failed", exc_info=True)
+                self._discard(wrapper, Problem.IN_TRANSACTION.value, run.name)
+                continue
+            if open_transaction:
+                self.guard.counters.incr(counters.TRANSACTIONS_ROLLED_BACK, task=run.name)
+
     def after_task(self, run: TaskRun, outcome: TaskOutcome) -> None:
         if not self.enabled:
             return
@@ -360,6 +404,9 @@ class DjangoConnections(Hook):
             return MAX_AGE
         if self.worker is not None and self.worker.pool.green:
             return GREENLET_SCOPE
+        trouble = self.guard.hook(DatabaseTrouble)
+        if trouble is not None and trouble.slots_scarce():
+            return SLOTS_SCARCE
         return None
 
     def _close_unmanaged(self) -> None:
@@ -660,6 +707,7 @@ _EXPLANATIONS = {
     GREENLET_SCOPE: "connections are per greenlet",
     LEAKED: "it was leaked by a thread or greenlet the task started",
     SHUTDOWN: "the worker is shutting down",
+    SLOTS_SCARCE: "connection slots are exhausted: an idle connection gives its slot back",
 }
 
 

@@ -59,6 +59,8 @@ _COUNTER_HELP = {
     stats.LEAKS_FOUND: "Connections leaked by threads or greenlets a task started",
     stats.TASKS: "Tasks run",
     stats.HOOK_ERRORS: "Errors inside lifeguard's hooks (tasks unaffected)",
+    stats.TASKS_HANDED_BACK: "Tasks handed back after a transient database failure, by class",
+    stats.HAND_BACKS_EXHAUSTED: "Tasks that failed after hand_back_limit hand-backs",
 }
 
 

@@ -48,10 +48,14 @@ class TaskSessions(Hook):
     def scoped_session(self, factory: Any) -> Any:
         """A ``scoped_session`` (``async_scoped_session`` for an ``async_sessionmaker``)
         scoped to the current task and cleaned up by lifeguard at the task's end."""
-        from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker
         from sqlalchemy.orm import scoped_session
 
-        is_async = isinstance(factory, async_sessionmaker)
+        try:  # needs greenlet, optional since SQLAlchemy 2.1; without it nothing is async
+            from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker
+        except ImportError:
+            is_async = False
+        else:
+            is_async = isinstance(factory, async_sessionmaker)
         scoped: Any
         if is_async:
             scoped = async_scoped_session(factory, scopefunc=self._scope)
@@ -63,7 +67,6 @@ class TaskSessions(Hook):
 
     def session(self, engine: Any) -> Any:
         """The current task's session on ``engine`` (registered with the guard if needed)."""
-        from sqlalchemy.ext.asyncio import async_sessionmaker
         from sqlalchemy.orm import sessionmaker
 
         engine = engine() if callable(engine) and not hasattr(engine, "dialect") else engine
@@ -71,9 +74,13 @@ class TaskSessions(Hook):
         key = id(managed.engine)
         scoped = self._per_engine.get(key)
         if scoped is None:
-            factory: Any = (
-                async_sessionmaker(engine) if managed.is_async else sessionmaker(bind=engine)
-            )
+            factory: Any
+            if managed.is_async:  # sqlalchemy.ext.asyncio needs greenlet: only when async
+                from sqlalchemy.ext.asyncio import async_sessionmaker
+
+                factory = async_sessionmaker(engine)
+            else:
+                factory = sessionmaker(bind=engine)
             scoped = self._per_engine.setdefault(key, self.scoped_session(factory))
         return scoped()
 

@@ -36,7 +36,7 @@ from ..errors import ConfigurationError
 from ..hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
 from ..postgres import driver as pgdriver
 from ..postgres.appname import application_name
-from ..postgres.conninfo import describe_sqlalchemy_url
+from ..postgres.conninfo import describe_sqlalchemy_url, libpq_url
 from ..postgres.driver import Problem, TransactionStatus
 from ..postgres.pgbouncer import transaction_mode_connect_args
 
@@ -119,9 +119,14 @@ class LazyEngine:
 
 def _is_engine(obj: Any) -> bool:
     from sqlalchemy.engine import Engine
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
-    return isinstance(obj, (Engine, AsyncEngine))
+    if isinstance(obj, Engine):
+        return True
+    try:  # needs greenlet, optional since SQLAlchemy 2.1; without it no AsyncEngine exists
+        from sqlalchemy.ext.asyncio import AsyncEngine
+    except ImportError:
+        return False
+    return isinstance(obj, AsyncEngine)
 
 
 def _is_exit_exception(exc: BaseException | None) -> bool:
@@ -571,7 +576,7 @@ class SqlAlchemyEngines(Hook):
         """The URL of the first registered PostgreSQL engine (see monitor/target.py)."""
         for managed in self.engines:
             if managed.is_postgresql:
-                return str(managed.engine.url.render_as_string(hide_password=False))
+                return libpq_url(managed.engine.url)
         return None
 
     # --- figures --------------------------------------------------------------------------

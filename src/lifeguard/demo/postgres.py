@@ -20,12 +20,15 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
+
+from ..postgres.conninfo import parse_conninfo
 
 ENV_URL = "LIFEGUARD_TEST_DATABASE_URL"  # a superuser URL; any database on the server
 
@@ -37,7 +40,7 @@ class PostgresServer:
     host: str
     port: int
     admin_user: str
-    admin_password: str | None = None
+    admin_password: str | None = field(default=None, repr=False)  # never printed
     tls: bool = False
     embedded: EmbeddedPostgres | None = field(default=None, repr=False)
 
@@ -53,7 +56,7 @@ class PostgresServer:
         user = user or self.admin_user
         if password is None and user == self.admin_user:
             password = self.admin_password
-        auth = quote(user) + (f":{quote(password)}" if password else "")
+        auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
         params = dict(query)
         if self.tls:
             params.setdefault("sslmode", "require")
@@ -151,13 +154,14 @@ def free_port() -> int:
 
 
 def server_from_url(url: str) -> PostgresServer:
-    parts = urlsplit(url)
+    """The server of a URL, read as libpq reads it (raises ``ConninfoError``)."""
+    options = parse_conninfo(url)
     return PostgresServer(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 5432,
-        admin_user=parts.username or "postgres",
-        admin_password=parts.password,
-        tls="sslmode=require" in (parts.query or ""),
+        host=options.get("host", "").split(",")[0] or "127.0.0.1",
+        port=int(options.get("port", "").split(",")[0] or 5432),
+        admin_user=options.get("user") or "postgres",
+        admin_password=options.get("password"),
+        tls=options.get("sslmode") == "require",
     )
 
 
@@ -201,10 +205,16 @@ def find_binaries() -> Path:
         bundled = Path(spec.origin).parent / "pginstall" / "bin"
         if (bundled / "postgres").exists():
             return bundled
+    if sys.version_info >= (3, 13):  # pgserver 0.1.4 has wheels for CPython 3.9-3.12 only
+        bundled_hint = "or, from a Python 3.9-3.12 environment, pip install pgserver and set "
+        bundled_hint += "LIFEGUARD_PG_BIN to its pgserver/pginstall/bin"
+    else:
+        bundled_hint = "or pip install pgserver (PostgreSQL binaries in a wheel)"
     raise RuntimeError(
-        "No PostgreSQL binaries found (initdb, postgres). Install PostgreSQL, or "
-        "pip install pgserver, or set LIFEGUARD_PG_BIN, or point "
-        f"{ENV_URL} at a running server."
+        "No PostgreSQL binaries found (initdb, pg_ctl, postgres). Install PostgreSQL's "
+        "server binaries (Debian/Ubuntu: apt-get install postgresql; Fedora: dnf install "
+        f"postgresql-server; macOS: brew install postgresql), {bundled_hint}, or set "
+        f"LIFEGUARD_PG_BIN to a directory holding them, or point {ENV_URL} at a running server."
     )
 
 

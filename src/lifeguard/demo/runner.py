@@ -16,7 +16,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+from ..errors import LifeguardError
+from ..postgres.conninfo import is_uri, redact_url
 from ..procfs import process_rss
 from .postgres import EmbeddedPostgres, PostgresServer, server_from_url
 from .project import TASKS, sandbox_worker
@@ -25,6 +28,64 @@ from .worker import CeleryWorker
 
 Progress = Callable[[str], None]
 MIB = 1024 * 1024
+ANSWER_TIMEOUT = 5  # seconds for a given server to answer before the demo starts
+
+
+class ServiceUnavailable(LifeguardError):
+    """A server given to the demo is malformed or does not answer: nothing was started."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def check_database(url: str, timeout: float = ANSWER_TIMEOUT) -> PostgresServer:
+    """The server of a ``--database-url`` once it answered ``SELECT 1`` as its user;
+    raises :class:`ServiceUnavailable` with a one-line reason (password masked)."""
+    shown = redact_url(url)
+    if not is_uri(url):
+        raise ServiceUnavailable(
+            f"--database-url {shown} is not a PostgreSQL URL: give "
+            "postgresql://user:password@host:port/database (a superuser)"
+        )
+    try:
+        server = server_from_url(url)
+    except ValueError as exc:  # ConninfoError: libpq's reading; names no value of the URL
+        raise ServiceUnavailable(f"--database-url {shown}: {exc}") from None
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            **server.connect_kwargs("postgres"), connect_timeout=int(timeout), autocommit=True
+        ) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"cannot connect to {shown} (from --database-url): {_first_line(exc)}"
+        ) from None
+    return server
+
+
+def check_broker(url: str, timeout: float = ANSWER_TIMEOUT) -> str:
+    """A ``--broker-url`` once the broker answered; raises :class:`ServiceUnavailable`."""
+    url = url.rstrip("/")
+    shown = redact_url(url)
+    if urlsplit(url).scheme not in ("redis", "rediss"):
+        raise ServiceUnavailable(
+            f"--broker-url {shown} is not a Redis URL: give redis://host:port (the demo's "
+            "workers use it as broker and result backend)"
+        )
+    from kombu.connection import Connection
+
+    try:
+        with Connection(url, connect_timeout=timeout) as connection:  # type: ignore[no-untyped-call]
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"cannot connect to {shown} (from --broker-url): {_first_line(exc)}"
+        ) from None
+    return url
 
 
 @dataclass
@@ -50,17 +111,28 @@ class Services:
     def start(cls, database_url: str | None = None, broker_url: str | None = None) -> Services:
         """The servers given, else embedded ones: a PostgreSQL configured like production
         (scram-sha-256 password authentication, TLS when the binaries have it) and a Redis."""
+        # The servers given must answer before anything is started: nothing left behind.
+        server = check_database(database_url) if database_url else None
+        broker = check_broker(broker_url) if broker_url else None
         owned: list[Any] = []
-        if database_url:
-            server = server_from_url(database_url)
-        else:
+        if server is None:
             postgres = EmbeddedPostgres(tls=None, password=uuid.uuid4().hex)
+            try:
+                server = postgres.start()
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    postgres.destroy()
+                raise ServiceUnavailable(
+                    f"cannot start an embedded PostgreSQL: {_first_line(exc)} "
+                    "(or give --database-url)"
+                ) from None
             owned.append(postgres)
-            server = postgres.start()
-        if broker_url:
-            broker = broker_url.rstrip("/")
-        else:
-            redis = EmbeddedRedis()
+        if broker is None:
+            try:
+                redis = EmbeddedRedis()
+            except RuntimeError as exc:
+                cls(server, "", admin_url_given=bool(database_url), owned=owned).close()
+                raise ServiceUnavailable(str(exc)) from None
             owned.append(redis)
             broker = f"{redis.url}/0"
         return cls(server, broker, admin_url_given=bool(database_url), owned=owned)

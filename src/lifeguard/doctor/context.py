@@ -437,7 +437,12 @@ def live_engines() -> Iterator[tuple[Any, Any]]:
     if "sqlalchemy" not in sys.modules:
         return
     from sqlalchemy.engine import Engine
-    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    async_engine: type | None
+    try:  # needs greenlet, optional since SQLAlchemy 2.1; without it no AsyncEngine exists
+        from sqlalchemy.ext.asyncio import AsyncEngine as async_engine
+    except ImportError:
+        async_engine = None
 
     sync_engines: list[Any] = []
     async_by_sync: dict[int, Any] = {}
@@ -445,7 +450,7 @@ def live_engines() -> Iterator[tuple[Any, Any]]:
         kind = type(obj)  # not isinstance(): it would wake lazy proxies (Django settings)
         if issubclass(kind, Engine):
             sync_engines.append(obj)
-        elif issubclass(kind, AsyncEngine):
+        elif async_engine is not None and issubclass(kind, async_engine):
             async_by_sync[id(obj.sync_engine)] = obj
     for engine in sync_engines:
         yield engine, async_by_sync.get(id(engine))

@@ -20,6 +20,7 @@ from ..monitor.target import (
     from_url,
 )
 from ..postgres.appname import DEFAULT_PREFIX
+from ..postgres.conninfo import describe_sqlalchemy_url, libpq_url
 from .context import DoctorContext, live_engines
 from .server import read_server
 
@@ -46,8 +47,10 @@ def _engine_target() -> DatabaseTarget | None:
 
     for engine, _ in live_engines():
         if str(engine.dialect.name) == "postgresql":
-            url = engine.url.render_as_string(hide_password=False)
-            return from_url(str(url), f"the SQLAlchemy engine {engine.url!r}")
+            return from_url(
+                libpq_url(engine.url),
+                f"the SQLAlchemy engine {describe_sqlalchemy_url(engine.url)}",
+            )
     return None
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
+from ..monitor.slots import Limits, read_limits
 from ..monitor.snapshot import Snapshot, take_snapshot
 from ..monitor.target import (
     DatabaseTarget,
@@ -35,6 +35,7 @@ from ..monitor.target import (
     one_line_error,
     time_limited,
 )
+from ..postgres.conninfo import ConninfoError, parse_conninfo
 
 if TYPE_CHECKING:
     pass
@@ -94,6 +95,7 @@ class ServerInfo:
     settings: Mapping[str, ServerSetting]
     pooler: Pooler | None
     endpoint: str  # host:port the doctor connected to
+    limits: Limits | None = None  # connection slots as the doctor's role sees them
 
     @property
     def version(self) -> int:
@@ -125,6 +127,7 @@ def read_server(
                 server_pid = int(cur.fetchone()[0])
             snapshot = take_snapshot(conn, prefix)
             settings = _read_settings(conn)
+            limits = read_limits(conn)
     except module.Error as exc:
         raise DatabaseUnreachable(
             f"cannot read the server settings of {target}: {one_line_error(exc, target)}"
@@ -148,6 +151,7 @@ def read_server(
         settings=settings,
         pooler=pooler,
         endpoint=target_endpoint(target),
+        limits=limits,
     )
 
 
@@ -182,11 +186,10 @@ def _announced_backend_pid(conn: Any) -> int | None:
 
 
 def _console_target(target: DatabaseTarget) -> DatabaseTarget:
-    """The same server and credentials, database ``pgbouncer`` (its admin console)."""
-    if "://" in target.dsn:
-        parts = urlsplit(target.dsn)
-        dsn = urlunsplit((parts.scheme, parts.netloc, "/pgbouncer", parts.query, ""))
-        return DatabaseTarget(dsn=dsn, keywords=target.keywords, where=target.where)
+    """The same server and credentials, database ``pgbouncer`` (its admin console).
+
+    The drivers let keywords override the URL's own (``make_conninfo``, ``make_dsn``).
+    """
     return DatabaseTarget(
         dsn=target.dsn, keywords={**target.keywords, "dbname": "pgbouncer"}, where=target.where
     )
@@ -222,9 +225,15 @@ def _ask_console(target: DatabaseTarget, timeout: float) -> Pooler | None:
 def _target_dbname(target: DatabaseTarget) -> str | None:
     if "dbname" in target.keywords:
         return target.keywords["dbname"]
-    if "://" in target.dsn:
-        return urlsplit(target.dsn).path.lstrip("/") or None
-    return None
+    return _dsn_options(target).get("dbname") or None
+
+
+def _dsn_options(target: DatabaseTarget) -> dict[str, str]:
+    """What libpq reads from the target's URL or keyword string (never a urlsplit)."""
+    try:
+        return parse_conninfo(target.dsn) if target.dsn else {}
+    except ConninfoError:
+        return {}
 
 
 # --- endpoints: which connections go to the server that was read ------------------------
@@ -245,12 +254,6 @@ def endpoint(host: Any, port: Any) -> str:
 
 
 def target_endpoint(target: DatabaseTarget) -> str:
-    if "://" in target.dsn:
-        parts = urlsplit(target.dsn)
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        host = target.keywords.get("host", parts.hostname)
-        return endpoint(host, target.keywords.get("port", port))
-    return endpoint(target.keywords.get("host"), target.keywords.get("port"))
+    options = {**_dsn_options(target), **target.keywords}
+    first_host = (options.get("host") or "").split(",")[0]
+    return endpoint(first_host, (options.get("port") or "").split(",")[0])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..postgres.appname import application_name
+from ..postgres.conninfo import broker_error
 from .snapshot import Backend
 
 logger = logging.getLogger("lifeguard.monitor")
@@ -77,7 +78,7 @@ def running_tasks(app: Any, timeout: float = 1.0) -> WorkerTasks:
         replies = app.control.inspect(timeout=timeout).active() or {}
     except Exception as exc:  # broker down, wrong URL: attribution is a bonus
         logger.debug("inspect().active() failed", exc_info=True)
-        return WorkerTasks(error=f"cannot ask the workers: {' '.join(str(exc).split())}")
+        return WorkerTasks(error=f"cannot ask the workers: {broker_error(exc, app)}")
     return tasks_from_replies(replies)
 
 

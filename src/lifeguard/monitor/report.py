@@ -16,6 +16,7 @@ from typing import Any
 
 from .actions import Action, terminate_stale
 from .attribution import RunningTask, WorkerTasks, running_tasks
+from .slots import read_limits
 from .snapshot import (
     Backend,
     Baseline,
@@ -230,10 +231,23 @@ class Monitor:
             snapshot=snapshot,
             thresholds=self.thresholds,
             rates=rates,
-            findings=tuple(evaluate(snapshot, rates, self.thresholds)),
+            findings=tuple(evaluate(snapshot, rates, self.thresholds)) + self._slots(),
             tasks=tasks,
             actions=tuple(actions),
         )
+
+    def _slots(self) -> tuple[Finding, ...]:
+        """CRITICAL "slots exhausted" when the server or the monitor's role is at its
+        limit (the monitor got in through a reserved slot, or just before the limit)."""
+        try:
+            with time_limited(self._conn, self.connect_timeout):
+                limits = read_limits(self._conn)
+        except driver().Error:
+            return ()
+        exhausted = limits.exhausted() if limits is not None else None
+        if exhausted is None:
+            return ()
+        return (Finding(check="slots", severity=Severity.CRITICAL, summary=exhausted),)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ConfigurationError, LifeguardError
-from ..postgres.conninfo import describe_django_database, redact_url
+from ..postgres.conninfo import (
+    ConninfoError,
+    describe_django_database,
+    error_line,
+    parse_conninfo,
+    redact_url,
+)
+from .slots import refusal
 
 ENV_URL = "LIFEGUARD_DATABASE_URL"
 #: How the monitor's own session shows in pg_stat_activity (never a worker's prefix).
@@ -58,8 +65,8 @@ class DatabaseUrlSource(Protocol):
 class DatabaseTarget:
     """How to reach the database: a libpq URL or keyword string and/or keywords."""
 
-    dsn: str = ""
-    keywords: Mapping[str, str] = field(default_factory=dict)
+    dsn: str = field(default="", repr=False)  # may hold the password: never printed
+    keywords: Mapping[str, str] = field(default_factory=dict, repr=False)
     where: str = ""  # the database, as shown to users: never holds the password
     source: str = ""  # where the setting came from
 
@@ -80,6 +87,12 @@ def from_url(url: str, source: str) -> DatabaseTarget:
                 "give a postgresql:// URL"
             )
         url = _DRIVER_SCHEME.sub("postgresql://", url, count=1)
+    try:
+        parse_conninfo(url)  # libpq's own rules; the message holds no value of the URL
+    except ConninfoError as exc:
+        raise ConfigurationError(
+            f"{source} is not a connection string libpq can use ({redact_url(url)}): {exc}"
+        ) from None
     return DatabaseTarget(dsn=url, where=redact_url(url), source=source)
 
 
@@ -173,25 +186,9 @@ def sqlstate(exc: BaseException) -> str | None:
     return getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
 
 
-def _password(target: DatabaseTarget) -> str | None:
-    if "password" in target.keywords:
-        return target.keywords["password"]
-    from urllib.parse import unquote, urlsplit
-
-    if "://" in target.dsn:
-        password = urlsplit(target.dsn).password
-        return unquote(password) if password else None
-    match = re.search(r"password\s*=\s*'?([^'\s]+)", target.dsn)
-    return match.group(1) if match else None
-
-
 def one_line_error(exc: BaseException, target: DatabaseTarget) -> str:
-    """A driver error as one line, with the password masked should the server echo it."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    password = _password(target)
-    if password:
-        text = text.replace(password, "***")
-    return text
+    """A driver error as one line, with every secret of the target masked."""
+    return error_line(exc, target.dsn, target.keywords)
 
 
 def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
@@ -213,8 +210,10 @@ def connect(target: DatabaseTarget, timeout: float = 5.0) -> Any:
         if hasattr(conn, "prepare_threshold"):  # psycopg 3
             conn.prepare_threshold = None
     except module.Error as exc:
+        slots = refusal(exc)  # "slots exhausted: ..." first: the reason, not the symptom
         raise DatabaseUnreachable(
-            f"cannot connect to {target}: {one_line_error(exc, target)}"
+            f"{slots + '; ' if slots else ''}cannot connect to {target}: "
+            f"{one_line_error(exc, target)}"
         ) from None
     return conn
 

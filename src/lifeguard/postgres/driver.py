@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import select
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -77,6 +78,7 @@ class DriverAdapter(Protocol):
     def fileno(self, conn: Any) -> int: ...
     def backend_pid(self, conn: Any) -> int | None: ...
     def send_cancel(self, conn: Any, timeout: float) -> None: ...
+    def drain(self, conn: Any, timeout: float) -> bool: ...
     def rollback(self, conn: Any) -> None: ...
 
 
@@ -101,6 +103,32 @@ class _Psycopg3:
         else:
             conn.cancel()
 
+    def drain(self, conn: Any, timeout: float) -> bool:
+        """Read the interrupted statement's results (its 57014 error) up to ReadyForQuery,
+        with libpq's non-blocking calls; the high-level connection is not used, its
+        interrupted command is gone."""
+        from psycopg import pq
+
+        pgconn = conn.pgconn
+        if pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            return False
+        copy = (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH)
+        deadline = time.monotonic() + timeout
+        while True:
+            if pgconn.flush() == 1:  # the interrupted statement was still being sent
+                if not _wait_for(pgconn.socket, deadline, write=True):
+                    return False
+                continue
+            pgconn.consume_input()
+            while not pgconn.is_busy():
+                result = pgconn.get_result()
+                if result is None:
+                    return TransactionStatus(int(pgconn.transaction_status)) in _DRAINED
+                if result.status in copy:
+                    return False
+            if not _wait_for(pgconn.socket, deadline):
+                return False
+
     def rollback(self, conn: Any) -> None:
         conn.rollback()  # sends ROLLBACK whenever a transaction is open, autocommit or not
 
@@ -120,6 +148,24 @@ class _Psycopg2:
 
     def send_cancel(self, conn: Any, timeout: float) -> None:
         conn.cancel()  # PQcancel: blocking, bounded by the server's answer
+
+    def drain(self, conn: Any, timeout: float) -> bool:
+        """``poll()`` until the cancelled statement's error has been read. A blocking
+        psycopg2 connection is never left ACTIVE (a signal waits for libpq to return),
+        and its green mode closes the connection itself: this serves async ones."""
+        import psycopg2
+        import psycopg2.extensions as ext
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                state = conn.poll()
+            except psycopg2.Error:  # QueryCanceled: the expected answer (or its cursor is gone)
+                state = ext.POLL_OK
+            if state == ext.POLL_OK:
+                return self.transaction_status(conn) in _DRAINED
+            if not _wait_for(conn.fileno(), deadline, write=state == ext.POLL_WRITE):
+                return False
 
     def rollback(self, conn: Any) -> None:
         if conn.autocommit:  # psycopg2's rollback() does nothing in autocommit mode
@@ -149,6 +195,11 @@ class _Asyncpg:
     def backend_pid(self, conn: Any) -> int | None:
         return int(conn.get_server_pid()) or None
 
+    def drain(self, conn: Any, timeout: float) -> bool:
+        # asyncpg reads the cancelled statement's answer itself, on its event loop, when
+        # the awaiting coroutine is cancelled; nothing can be read from this thread.
+        return False
+
     def rollback(self, conn: Any) -> None:
         # asyncpg only rolls back from a coroutine: SQLAlchemy's pool reset does it on
         # the event loop. Callers treat this like a failed rollback and close instead.
@@ -174,6 +225,28 @@ class _Asyncpg:
             sock.connect(address if isinstance(address, str) else tuple(address[:2]))
             sock.sendall(message)
             sock.recv(1)  # the server closes the socket once it has read the request
+
+
+#: After a drain, the connection waits for the next command (the session may still be
+#: inside a failed or open transaction, which a Terminate ends cleanly).
+_DRAINED = (TransactionStatus.IDLE, TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+
+def _wait_for(fd: int, deadline: float, *, write: bool = False) -> bool:
+    """Wait until ``fd`` is readable (writable) or the deadline passes; False then.
+
+    ``select.select`` is looked up at call time: under gevent or eventlet it is their
+    cooperative version, so other greenlets run meanwhile. (A descriptor past
+    FD_SETSIZE raises ValueError: the caller then closes without draining, as before.)
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    sockets = [fd]
+    readable, writable, _ = select.select(
+        [] if write else sockets, sockets if write else [], [], remaining
+    )
+    return bool(readable or writable)
 
 
 _ADAPTERS: dict[type, DriverAdapter | None] = {}
@@ -275,21 +348,50 @@ def is_busy(conn: Any) -> bool:
 
 
 def cancel_query(conn: Any, timeout: float) -> bool:
-    """Ask the server to cancel the running statement; True if the request was sent.
+    """Cancel the running statement on the server and read its answer; True if the
+    cancel request was sent (see :func:`cancel_and_drain`, which it runs).
 
     Used before discarding an interrupted connection so the server stops working
     for a client that gave up (otherwise the query runs on, then sits idle in
     transaction until the socket closes).
     """
+    return cancel_and_drain(conn, timeout) is not None
+
+
+def cancel_and_drain(conn: Any, timeout: float) -> bool | None:
+    """Cancel the interrupted statement, then read the server's answer on ``conn``.
+
+    None: no cancel request could be sent. True: the answer (the statement's 57014
+    error) and ReadyForQuery were read within ``timeout`` seconds in all: the session
+    waits for its next command, so closing it sends a proper Terminate. False: no
+    such proof (closing then may cut the server off mid-answer).
+
+    Closing right after the cancel, before its answer, makes the server fail to send
+    the "canceling statement" error ("could not send data to client: Broken pipe",
+    "FATAL: connection to client lost"), which counts in
+    ``pg_stat_database.sessions_fatal``: what ``lifeguard check`` alerts on.
+    """
     adapter = adapter_for(conn)
     if adapter is None:
-        return False
+        return None
+    deadline = time.monotonic() + timeout
     try:
         adapter.send_cancel(conn, timeout)
     except Exception as exc:
         logger.warning("lifeguard: could not cancel the interrupted query: %s", exc)
-        return False
-    return True
+        return None
+    try:
+        drained = adapter.drain(conn, max(0.0, deadline - time.monotonic()))
+    except Exception:
+        logger.debug("reading the cancelled statement's answer failed", exc_info=True)
+        drained = False
+    if not drained:
+        logger.info(
+            "lifeguard: the cancelled statement's end was not read within %.1fs; "
+            "closing its connection anyway",
+            timeout,
+        )
+    return drained
 
 
 def backend_pid(conn: Any) -> int | None:

@@ -1,4 +1,4 @@
-"""``lifeguard validate``: the seed guides' load test, automated against running workers.
+"""``lifeguard validate``: the commonly recommended load test, automated against running workers.
 
 * :mod:`.workers`: the workers consuming the task's queue, and their task processes' RSS;
 * :mod:`.load`: the task sent through the user's app, outcomes read back;

@@ -4,7 +4,7 @@
 criterion                      passes when
 =============================  =========================================================
 ``idle_back_to_baseline``      the database's idle connections after the run are at most
-                               the baseline's plus 10% (the seed procedure's check)
+                               the baseline's plus 10% (the check the guides recommend)
 ``no_idle_in_transaction``     no backend of the workers is idle in transaction after it
 ``no_connection_errors``       no session of the database ended abandoned, fatal or
                                killed during the run (``pg_stat_database``, PG 14+)

@@ -27,6 +27,7 @@ from ..concerns.control import COMMAND
 from ..errors import LifeguardError
 from ..hooks import PoolKind
 from ..monitor.attribution import node_host
+from ..postgres.conninfo import broker_error
 
 #: How a node's processes were read (JSON and report).
 VIA_LIFEGUARD = COMMAND
@@ -84,7 +85,7 @@ def find_workers(
     try:
         queues = app.control.inspect(timeout=timeout).active_queues() or {}
     except Exception as exc:  # broker down, wrong URL
-        raise CannotValidate(f"cannot ask the workers: {' '.join(str(exc).split())}") from None
+        raise CannotValidate(f"cannot ask the workers: {broker_error(exc, app)}") from None
     names = sorted(node for node, consumed in queues.items() if _consumes(consumed, queue))
     if not names:
         seen = ", ".join(sorted(queues)) or "none answered"

@@ -11,6 +11,7 @@ LIFEGUARD_SANDBOX_DRIVER      psycopg (default) | psycopg2
 LIFEGUARD_SANDBOX_OPTIONS     JSON of extra lifeguard options (CELERY_LIFEGUARD_*)
 LIFEGUARD_SANDBOX_QUIET       set: no log line per task (benchmarks)
 LIFEGUARD_SANDBOX_MAIN_USES_DB  set: the MainProcess queries once the worker is ready
+LIFEGUARD_SANDBOX_RESULTS     "django-db": results in the database (django-celery-results)
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 4
 CELERY_LIFEGUARD_APPLICATION_NAME_PREFIX = PREFIX
 for _name, _value in json.loads(os.environ.get("LIFEGUARD_SANDBOX_OPTIONS", "{}")).items():
     globals()[f"CELERY_LIFEGUARD_{_name.upper()}"] = _value
+if os.environ.get("LIFEGUARD_SANDBOX_RESULTS") == "django-db":
+    INSTALLED_APPS.append("django_celery_results")
+    CELERY_RESULT_BACKEND = "django-db"
 if MODE == "reuse_max":
     CELERY_DB_REUSE_MAX = 1_000_000
 

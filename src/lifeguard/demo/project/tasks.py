@@ -81,6 +81,16 @@ def leave_transaction_open(value: str) -> dict[str, Any]:
 
 
 @shared_task
+def leave_autocommit_off(value: str) -> dict[str, Any]:
+    """Autocommit switched off, a write, no commit: Django's own way to leave one open."""
+    transaction.set_autocommit(False)
+    info = _backend()
+    with connection.cursor() as cur:
+        cur.execute(f"INSERT INTO {TABLE} (value) VALUES (%s)", [value])
+    return info
+
+
+@shared_task
 def count_items(value: str) -> int:
     with connection.cursor() as cur:
         cur.execute(f"SELECT count(*) FROM {TABLE} WHERE value = %s", [value])
@@ -199,3 +209,12 @@ def query_and_leak(mib: float) -> dict[str, Any]:
     info = _backend()
     LEAKED.append(b"\x01" * int(mib * 1024 * 1024))
     return info
+
+
+@shared_task(bind=True)
+def insert_row(self: Any, value: str) -> dict[str, Any]:
+    """One INSERT of a unique value: a task run twice shows as a duplicate row. Returns
+    the task's own ``retries`` (lifeguard's hand-backs must leave it at 0)."""
+    with connection.cursor() as cur:
+        cur.execute(f"INSERT INTO {TABLE} (value) VALUES (%s)", [value])
+    return {"value": value, "retries": self.request.retries}

@@ -244,6 +244,37 @@ def _budget_finding(budget: Budget, against: str) -> Finding | None:
     )
 
 
+@rule(
+    "LG021",
+    "slots-exhausted",
+    "the server or the doctor's role is at its connection limit now",
+)
+def slots_exhausted(ctx: DoctorContext) -> Iterator[Finding]:
+    server = ctx.require_server()
+    limits = server.limits
+    exhausted = limits.exhausted() if limits is not None else None
+    if limits is None or exhausted is None:
+        return
+    yield Finding(
+        Level.CRITICAL,
+        title=exhausted,
+        why=(
+            "New sessions of ordinary roles (or of this role) are refused right now "
+            "('remaining connection slots are reserved', 'too many clients already', "
+            "'too many connections for role'): workers cannot connect, tasks fail or wait. "
+            "lifeguard hands such tasks back instead of failing them, but they do not run."
+        ),
+        fix=(
+            "Find who holds the slots (lifeguard monitor; SELECT usename, application_name, "
+            "state, count(*) FROM pg_stat_activity GROUP BY 1, 2, 3); lower the workers' "
+            "concurrency or pool sizes, put PgBouncer in front, or raise max_connections "
+            f'or the role\'s limit (ALTER ROLE "{limits.role}" CONNECTION LIMIT n).'
+        ),
+        subject=server.target.where,
+        evidence=limits.to_json(),
+    )
+
+
 # --- server timeouts ---------------------------------------------------------------------
 
 

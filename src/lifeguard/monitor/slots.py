@@ -1,0 +1,135 @@
+"""Connection slots: is the server or the monitored role at its limit?
+
+``lifeguard check``/``monitor`` and ``lifeguard doctor`` share this. When the database
+refuses them a slot they say "slots exhausted" and which limit the server named
+(:func:`refusal`), rather than only "cannot connect"; when they can still connect (a
+superuser through the reserved slots, or a moment later) they read the figures
+(:func:`read_limits`) and report the condition when a limit is reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..postgres.failures import Failure, classify
+
+SLOTS_EXHAUSTED = "slots exhausted"
+
+_SQL = """
+SELECT
+    current_user,
+    r.rolsuper,
+    current_setting('max_connections')::int,
+    current_setting('superuser_reserved_connections')::int,
+    coalesce(current_setting('reserved_connections', true), '0')::int,
+    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int,
+    r.rolconnlimit,
+    (SELECT count(*) FROM pg_stat_activity
+     WHERE backend_type = 'client backend' AND usename = current_user)::int
+FROM pg_roles r WHERE r.rolname = current_user
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The slot figures visible to the connected role (its own session included)."""
+
+    role: str
+    superuser: bool
+    max_connections: int
+    superuser_reserved: int
+    reserved: int  # reserved_connections, PostgreSQL 16+
+    server_backends: int  # client backends of the whole server
+    role_limit: int  # rolconnlimit; -1: none
+    role_backends: int
+
+    @property
+    def usable_slots(self) -> int:
+        return self.max_connections - self.superuser_reserved - self.reserved
+
+    def _reserved_text(self) -> str:
+        text = f"superuser_reserved_connections {self.superuser_reserved}"
+        if self.reserved:
+            text += f", reserved_connections {self.reserved}"
+        return text
+
+    def exhausted(self) -> str | None:
+        """ "slots exhausted: ..." with the figures, when a new session of an ordinary
+        role (or of this role) would be refused now; else None."""
+        reasons = []
+        if self.server_backends >= self.max_connections:
+            reasons.append(
+                f"the server is at max_connections: {self.server_backends} backends of "
+                f"max_connections {self.max_connections}"
+            )
+        elif self.server_backends >= self.usable_slots:
+            reasons.append(
+                f"{self.server_backends} backends fill the {self.usable_slots} slots "
+                f"ordinary roles may use (max_connections {self.max_connections} minus "
+                f"{self._reserved_text()}); only superusers get in"
+            )
+        if 0 <= self.role_limit <= self.role_backends:
+            reasons.append(
+                f'role "{self.role}" is at its CONNECTION LIMIT: {self.role_backends} '
+                f"sessions of rolconnlimit {self.role_limit}"
+            )
+        if not reasons:
+            return None
+        return f"{SLOTS_EXHAUSTED}: " + "; ".join(reasons)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "max_connections": self.max_connections,
+            "superuser_reserved_connections": self.superuser_reserved,
+            "reserved_connections": self.reserved,
+            "usable_slots": self.usable_slots,
+            "server_backends": self.server_backends,
+            "role_connection_limit": self.role_limit,
+            "role_backends": self.role_backends,
+        }
+
+
+def read_limits(conn: Any) -> Limits | None:
+    """The figures, over a DB-API connection (None if the role cannot be read)."""
+    with conn.cursor() as cur:
+        cur.execute(_SQL)
+        row = cur.fetchone()
+    if row is None:
+        return None
+    role, superuser, max_conn, su_reserved, reserved, backends, limit, role_backends = row
+    return Limits(
+        role=str(role),
+        superuser=bool(superuser),
+        max_connections=int(max_conn),
+        superuser_reserved=int(su_reserved),
+        reserved=int(reserved),
+        server_backends=int(backends),
+        role_limit=int(limit),
+        role_backends=int(role_backends),
+    )
+
+
+def refusal(exc: BaseException) -> str | None:
+    """ "slots exhausted: <which limit>" when ``exc`` is the server refusing a slot.
+
+    No session means no figures: what is said is what the server's message names.
+    """
+    if classify(exc) is not Failure.SLOTS_EXHAUSTED:
+        return None
+    text = str(exc)
+    if "for role" in text:
+        which = "the role is at its CONNECTION LIMIT (pg_roles.rolconnlimit)"
+    elif "for database" in text:
+        which = "the database is at its CONNECTION LIMIT (pg_database.datconnlimit)"
+    elif "reserved" in text:
+        which = (
+            "every slot ordinary roles may use is taken (max_connections minus "
+            "superuser_reserved_connections and reserved_connections)"
+        )
+    elif "too many clients" in text:
+        which = "the server is at max_connections"
+    else:
+        which = "the server has no connection slot left"
+    return f"{SLOTS_EXHAUSTED}: {which}"

@@ -1,0 +1,276 @@
+"""Database trouble loses no task: restart, outage, exhausted slots, bad credentials.
+
+Each scenario runs a stream of real tasks through real prefork/threads workers against a
+PostgreSQL this module starts itself (it is stopped and restarted under the stream), and
+counts in the database what ran: every task inserts a row keyed by a unique value, so a
+lost task is a missing row and a duplicated one a second row. Stock Celery meets the same
+fault in the same test, so each scenario is known to bite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from lifeguard.demo.postgres import EmbeddedPostgres, free_port
+from tests.monitor_support import samples, scrape
+from tests.support import Database, SandboxTasks
+
+TABLE = "lifeguard_sandbox_items"
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[EmbeddedPostgres]:
+    """A server of this module's own: the tests stop and restart it."""
+    embedded = EmbeddedPostgres()
+    embedded.start()
+    try:
+        yield embedded
+    finally:
+        embedded.destroy()
+
+
+def ensure_running(embedded: EmbeddedPostgres) -> None:
+    if not embedded._running:
+        embedded.start()
+
+
+@pytest.fixture
+def own_db(own_pg: EmbeddedPostgres) -> Iterator[Database]:
+    server = own_pg.server
+    assert server is not None
+    ensure_running(own_pg)  # a previous test may have left it stopped by failing
+    name = f"lg_trouble_{uuid.uuid4().hex[:8]}"
+    server.create_database(name)
+    db = Database(server, name)
+    db.execute(f"CREATE TABLE {TABLE} (id serial PRIMARY KEY, value text NOT NULL)")
+    try:
+        yield db
+    finally:
+        ensure_running(own_pg)
+        server.drop_database(name)
+
+
+def stream(
+    tasks: SandboxTasks,
+    *,
+    tag: str,
+    count: int,
+    rate: float,
+    fault_at: float,
+    fault: Callable[[], None],
+) -> list[Any]:
+    """Send ``count`` insert_row tasks at ``rate`` per second; run ``fault`` (in another
+    thread) ``fault_at`` seconds in. Returns the AsyncResults once the fault is over."""
+    results: list[Any] = []
+    done = threading.Event()
+
+    def at_fault() -> None:
+        time.sleep(fault_at)
+        try:
+            fault()
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=at_fault)
+    thread.start()
+    start = time.monotonic()
+    for i in range(count):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        results.append(tasks.send("insert_row", f"{tag}-{i}"))
+    thread.join()
+    assert done.is_set()
+    return results
+
+
+def outcome(results: list[Any], db: Database, tag: str, timeout: float = 90) -> dict[str, int]:
+    """Failed, lost and duplicated tasks of a stream, read from results and from the rows."""
+    deadline = time.monotonic() + timeout
+    failed = 0
+    for result in results:
+        with contextlib.suppress(Exception):  # unfinished: counted as lost if no row came
+            result.get(timeout=max(0.1, deadline - time.monotonic()), propagate=False)
+        failed += result.state == "FAILURE"
+    rows = db.execute(
+        f"SELECT value, count(*) FROM {TABLE} WHERE value LIKE %s GROUP BY value", [tag + "-%"]
+    )
+    counts = {value: n for value, n in rows}
+    return {
+        "failed": failed,
+        "lost": sum(1 for i in range(len(results)) if f"{tag}-{i}" not in counts)
+        - failed,  # a failed task's row is missing too: not lost, failed
+        "duplicated": sum(n - 1 for n in counts.values() if n > 1),
+        "succeeded": sum(1 for r in results if r.state == "SUCCESS"),
+    }
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_restart_under_a_stream_fails_no_task(
+    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database, pool
+):
+    """``pg_ctl restart -m fast`` at 50 tasks/s: stock Celery fails the tasks that
+    connect meanwhile; lifeguard hands them back and every one succeeds, once."""
+    url = own_db.url
+
+    stock = sandbox_worker(pool=pool, concurrency=2, db_url=url, mode="stock", quiet=True)
+    stock_results = stream(
+        tasks, tag="stock", count=200, rate=50, fault_at=1.5, fault=own_pg.restart
+    )
+    stock_outcome = outcome(stock_results, own_db, "stock")
+    stock.stop()
+    assert stock_outcome["failed"] > 0, stock_outcome  # the fault bites without lifeguard
+
+    worker = sandbox_worker(pool=pool, concurrency=2, db_url=url)
+    results = stream(tasks, tag="lg", count=200, rate=50, fault_at=1.5, fault=own_pg.restart)
+    got = outcome(results, own_db, "lg")
+    assert got == {"failed": 0, "lost": 0, "duplicated": 0, "succeeded": 200}, (got, stock_outcome)
+    assert "lifeguard: handed task" in worker.log
+
+
+def test_outage_pauses_consuming_and_resumes(
+    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database
+):
+    """The server stops for 5 s under a stream: the worker pauses, probes about once a
+    second, resumes when the server answers; no task fails or is lost."""
+    port = free_port()
+    options = json.dumps({"metrics_port": port, "metrics_address": "127.0.0.1"})
+    worker = sandbox_worker(pool="prefork", concurrency=2, db_url=own_db.url, options=options)
+    outage = {"start": 0.0, "end": 0.0}
+
+    def fault() -> None:
+        own_pg.stop()
+        outage["start"] = time.monotonic()
+        time.sleep(5)
+        own_pg.start()
+        outage["end"] = time.monotonic()
+
+    results = stream(tasks, tag="out", count=240, rate=30, fault_at=1.5, fault=fault)
+    got = outcome(results, own_db, "out")
+    assert got == {"failed": 0, "lost": 0, "duplicated": 0, "succeeded": 240}, got
+
+    log = worker.log
+    assert "lifeguard: paused consuming tasks" in log
+    assert "lifeguard: resumed consuming tasks" in log
+    paused, resumed = log.index("paused consuming tasks"), log.index("resumed consuming tasks")
+    assert paused < resumed
+    # About 150 tasks were sent while it was paused: it took (almost) none of them.
+    assert log[paused:resumed].count("] received") <= 5, log[paused:resumed][-3000:]
+    probes = re.findall(r"lifeguard: probe (\d+) of", log)
+    # The pause lasts at most the outage plus a probe interval: about one probe a second.
+    assert 0 < len(probes) <= (outage["end"] - outage["start"]) + 3, probes
+    stats = tasks.run("guard_stats")["database_trouble"]
+    assert stats["pauses"] >= 1 and stats["paused"] is False, stats
+    assert stats["handed_back"] > 0, stats
+    assert {r.result["retries"] for r in results} == {0}  # hand-backs are not retries
+    families = scrape(port)
+    assert max(samples(families, "lifeguard_database_pauses").values()) >= 1
+    assert max(samples(families, "lifeguard_database_paused").values()) == 0
+    handed = samples(families, "lifeguard_tasks_handed_back_total")
+    assert sum(handed.values()) > 0, handed
+
+
+def test_exhausted_slots_fail_no_task(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    """The role may hold 2 connections, the worker has 4 processes: processes give idle
+    connections back while slots are scarce, refused tasks are handed back."""
+    role = f"{prefix}_slots"
+    test_db.server.ensure_role(role, "slots-pw")
+    test_db.admin(f'ALTER ROLE "{role}" CONNECTION LIMIT 2')
+    url = test_db.server.url(test_db.name, user=role, password="slots-pw")
+    worker = sandbox_worker(pool="prefork", concurrency=4, db_url=url, quiet=True)
+    results = []
+    for _ in range(300):  # one query, then 50 ms more: all four processes are needed
+        results.append(tasks.send("hold", 0.05))
+        time.sleep(1 / 80)
+    states = []
+    for result in results:
+        result.get(timeout=120, propagate=False)
+        states.append(result.state)
+    assert states.count("SUCCESS") == 300, {s: states.count(s) for s in set(states)}
+    log = worker.log
+    assert "lifeguard: slots exhausted" in log
+    line = next(line for line in log.splitlines() if "lifeguard: slots exhausted" in line)
+    assert "prefork -c 4" in line and "CONNECTION LIMIT 2" in line, line
+
+
+def test_authentication_failure_is_never_handed_back(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    """A role that does not exist: retrying cannot help, the task fails with the error."""
+    url = test_db.server.url(test_db.name, user=f"{prefix}_nobody", password="x")
+    worker = sandbox_worker(pool="prefork", concurrency=1, db_url=url)
+    state, error = tasks.outcome("one_query")
+    assert state == "FAILURE"
+    assert "does not exist" in str(error) or "authentication" in str(error), error
+    assert "lifeguard: handed task" not in worker.log
+    assert "retry:" not in worker.log
+
+
+def test_hand_back_off_lets_the_task_fail(
+    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database
+):
+    """``hand_back_unreachable=False``: a task meeting a stopped server fails as stock."""
+    sandbox_worker(
+        pool="solo", concurrency=1, db_url=own_db.url, options='{"hand_back_unreachable": false}'
+    )
+    own_pg.stop()
+    try:
+        state, _ = tasks.outcome("insert_row", "off-0", timeout=30)
+    finally:
+        ensure_running(own_pg)
+    assert state == "FAILURE"
+
+
+def test_sqlalchemy_tasks_meeting_a_stopped_server_are_handed_back(
+    sqla_worker, sqla_tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database
+):
+    """Sync (psycopg) and async (asyncpg) engines: a checkout that fails while the server
+    is down hands the task back; once it is up, each task runs once."""
+    worker = sqla_worker(pool="prefork", concurrency=2, db_url=own_db.url)
+    own_pg.stop()
+    try:
+        writes = [sqla_tasks.send("write", f"sqla-{i}") for i in range(8)]
+        reads = [sqla_tasks.send("async_touch") for _ in range(4)]
+        time.sleep(3)
+    finally:
+        ensure_running(own_pg)
+    for result in [*writes, *reads]:
+        result.get(timeout=60, propagate=False)
+    assert [r.state for r in writes + reads] == ["SUCCESS"] * 12, [
+        str(r.result)[:300] for r in reads
+    ] or [(r.state, r.result) for r in writes + reads]
+    rows = own_db.execute(f"SELECT value, count(*) FROM {TABLE} GROUP BY value")
+    assert dict(rows) == {f"sqla-{i}": 1 for i in range(8)}
+    assert "lifeguard: handed task tests.harness.sqla_app.write" in worker.log
+    assert "lifeguard: handed task tests.harness.sqla_app.async_touch" in worker.log
+
+
+def test_hand_backs_are_bounded(
+    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database
+):
+    """After ``hand_back_limit`` hand-backs the task fails with the real error, and
+    its own ``retries`` were never consumed."""
+    worker = sandbox_worker(
+        pool="solo", concurrency=1, db_url=own_db.url, options='{"hand_back_limit": 2}'
+    )
+    own_pg.stop()
+    try:
+        result = tasks.send("insert_row", "bounded-0")
+        result.get(timeout=30, propagate=False)
+    finally:
+        ensure_running(own_pg)
+    assert result.state == "FAILURE"
+    assert "OperationalError" in type(result.result).__name__, result.result
+    assert worker.log.count("lifeguard: handed task") == 2
+    assert "failed after 2 hand-backs (hand_back_limit)" in worker.log
