@@ -9,6 +9,16 @@ One line in the module that creates the Celery app::
 from __future__ import annotations
 
 from .concerns.async_task import AsyncTask, async_task
+from .concerns.once import (
+    OnceBlock,
+    SingletonBusy,
+    SingletonLock,
+    once,
+    once_async,
+    once_task,
+    singleton,
+    singleton_task,
+)
 from .errors import ConfigurationError, LifeguardError
 from .guard import Lifeguard, current_guard, install
 from .hooks import Hook, OutcomeKind, PoolKind, TaskOutcome, TaskRun, WorkerInfo
@@ -20,8 +30,11 @@ __all__ = [
     "Hook",
     "Lifeguard",
     "LifeguardError",
+    "OnceBlock",
     "OutcomeKind",
     "PoolKind",
+    "SingletonBusy",
+    "SingletonLock",
     "TaskOutcome",
     "TaskRun",
     "WorkerInfo",
@@ -29,4 +42,9 @@ __all__ = [
     "async_task",
     "current_guard",
     "install",
+    "once",
+    "once_async",
+    "once_task",
+    "singleton",
+    "singleton_task",
 ]

@@ -240,6 +240,28 @@ def guard_stats() -> dict[str, Any] | None:
     return guard.stats() if guard is not None else None
 
 
+# --- exactly-once effects and singleton locks (tests/test_once.py) -------------------------
+
+ONCE_EFFECT = text("INSERT INTO lifeguard_once_effects (key, value, pid) VALUES (:k, :v, :p)")
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def once_effect(
+    key: str | None, value: str, before_commit: float = 0.0, after_commit: float = 0.0
+) -> dict[str, Any]:
+    """The SQLAlchemy twin of the Django sandbox's once_effect."""
+    import time
+
+    with lifeguard.once(key, session=_session()) as block:
+        if block.done:
+            return {**block.result, "skipped": True}
+        _session().execute(ONCE_EFFECT, {"k": block.key, "v": value, "p": os.getpid()})
+        time.sleep(before_commit)
+        block.result = {"value": value, "pid": os.getpid(), "skipped": False}
+    time.sleep(after_commit)
+    return dict(block.result)
+
+
 # --- async tasks ---------------------------------------------------------------------------
 
 
@@ -283,6 +305,15 @@ if MODE == "lifeguard" and os.environ.get("LIFEGUARD_SANDBOX_ASYNC_TASKS") != "0
                     value = i if statement is not STATEMENTS[2] else str(i)
                     await conn.execute(statement, {"a": value})
         return rounds
+
+    @app.task(base=lifeguard.AsyncTask, acks_late=True, reject_on_worker_lost=True)
+    @lifeguard.once_task(key=lambda key, value: key, session=lambda: guard.session(async_engine))
+    async def async_once_effect(key: str, value: str) -> dict[str, Any]:
+        """The async decorator form: an AsyncSession carries the key."""
+        assert guard is not None
+        session = guard.session(async_engine)
+        await session.execute(ONCE_EFFECT, {"k": key, "v": value, "p": os.getpid()})
+        return {"value": value, "pid": os.getpid()}
 
 elif MODE == "stock":
 

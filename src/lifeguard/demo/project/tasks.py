@@ -10,6 +10,8 @@ from typing import Any
 from celery import shared_task
 from django.db import connection, transaction
 
+import lifeguard
+
 TABLE = "lifeguard_sandbox_items"
 
 
@@ -141,8 +143,6 @@ def query_in_greenlet() -> dict[str, Any]:
 @shared_task
 def guard_stats() -> dict[str, Any] | None:
     """lifeguard's counters of the process that runs this task."""
-    import lifeguard
-
     guard = lifeguard.current_guard()
     return guard.stats() if guard is not None else None
 
@@ -218,3 +218,117 @@ def insert_row(self: Any, value: str) -> dict[str, Any]:
     with connection.cursor() as cur:
         cur.execute(f"INSERT INTO {TABLE} (value) VALUES (%s)", [value])
     return {"value": value, "retries": self.request.retries}
+
+
+# --- exactly-once effects and singleton locks (docs/once.md; tests/test_once.py) ---------
+# Tables made by the tests: lifeguard_once (lifeguard migrate), lifeguard_once_effects
+# (key, value, pid), lifeguard_singleton_runs (key, during tstzrange, no overlap).
+
+
+def _once_effect_row(key: str, value: str) -> None:
+    with connection.cursor() as cur:
+        cur.execute(
+            "INSERT INTO lifeguard_once_effects (key, value, pid) VALUES (%s, %s, %s)",
+            [key, value, os.getpid()],
+        )
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+def once_effect(
+    key: str | None, value: str, before_commit: float = 0.0, after_commit: float = 0.0
+) -> dict[str, Any]:
+    """One effect row per key; sleeps inside the transaction, or after its commit (before
+    the ack), for a test to SIGKILL the process there."""
+    with lifeguard.once(key) as block:
+        if block.done:
+            return {**block.result, "skipped": True}
+        _once_effect_row(block.key, value)
+        time.sleep(before_commit)
+        block.result = {"value": value, "pid": os.getpid(), "skipped": False}
+    time.sleep(after_commit)
+    return dict(block.result)
+
+
+def _once_key(key: str, value: str) -> str:
+    return key
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+@lifeguard.once_task(key=_once_key)
+def once_decorated(key: str, value: str) -> dict[str, Any]:
+    """The decorator form: every run of a key returns the first committed run's result."""
+    _once_effect_row(key, value)
+    return {"value": value, "pid": os.getpid()}
+
+
+@shared_task
+def singleton_run(key: str, seconds: float, on_busy: str = "wait") -> dict[str, Any]:
+    """Holds the singleton ``key`` for ``seconds``; records its interval (server clock)."""
+    with lifeguard.singleton(key, on_busy=on_busy) as lock:  # type: ignore[arg-type]
+        if not lock.acquired:
+            return {"acquired": False}
+        with connection.cursor() as cur:
+            cur.execute("SELECT extract(epoch FROM clock_timestamp())::float")
+            started = float(cur.fetchone()[0])
+            time.sleep(seconds)
+            cur.execute(
+                "INSERT INTO lifeguard_singleton_runs (key, during) VALUES "
+                "(%s, tstzrange(to_timestamp(%s), clock_timestamp()))",
+                [key, started],
+            )
+        return {"acquired": True, "started": started, "pid": os.getpid()}
+
+
+# --- benchmarks/once.py: one write per task, unguarded, once-guarded, Redis-locked ----------
+
+
+def _counted(body: Any) -> int:
+    """Runs ``body`` and returns how many statements it sent (BEGIN/COMMIT aside)."""
+    sent = [0]
+
+    def count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        sent[0] += 1
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(count):
+        body()
+    return sent[0]
+
+
+@shared_task
+def bench_write(value: str) -> int:
+    def body() -> None:
+        with transaction.atomic():
+            _once_effect_row(value, value)
+
+    return _counted(body)
+
+
+@shared_task
+def bench_once_write(value: str, with_result: bool = False) -> int:
+    def body() -> None:
+        with lifeguard.once() as block:
+            if not block.done:
+                _once_effect_row(value, value)
+                block.result = {"value": value} if with_result else None
+
+    return _counted(body)
+
+
+_redis: list[Any] = []
+
+
+@shared_task(bind=True)
+def bench_redis_lock(self: Any, value: str) -> int:
+    """The celery-once pattern: SET NX EX around the work, DEL after (2 Redis trips)."""
+    if not _redis:
+        import redis
+
+        _redis.append(redis.Redis.from_url(os.environ["LIFEGUARD_SANDBOX_BROKER_URL"]))
+    key = f"qo_{self.request.id}"
+    if not _redis[0].set(key, 1, nx=True, ex=3600):
+        return 0
+    try:
+        return int(bench_write(value))
+    finally:
+        _redis[0].delete(key)

@@ -1,0 +1,118 @@
+"""The SQL of exactly-once keys and singleton locks, free of any driver or ORM.
+
+One table, ``lifeguard_once``: a key is committed in the same transaction as the writes
+it guards, so the key and the effect exist together or not at all (docs/once.md). The
+statements use ``%s`` placeholders (psycopg 3, psycopg2 and Django cursors);
+:func:`named` rewrites them for SQLAlchemy's ``text()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from ..errors import LifeguardError
+
+TABLE = "lifeguard_once"
+DEFAULT_RETENTION_DAYS = 30
+
+CREATE_TABLE = f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+    key text PRIMARY KEY,
+    task_name text,
+    result jsonb,
+    created_at timestamptz NOT NULL DEFAULT now()
+)"""
+CREATE_INDEX = f"CREATE INDEX IF NOT EXISTS {TABLE}_created_at ON {TABLE} (created_at)"
+DROP_TABLE = f"DROP TABLE IF EXISTS {TABLE}"
+MIGRATION = [CREATE_TABLE, CREATE_INDEX]
+
+# Claim the key: inserted -> a row; already committed by another run -> no row. A
+# concurrent run's uncommitted key makes this statement wait for that run's end: it
+# commits (no row here) or rolls back (this run inserts): the unique index serialises.
+CLAIM = (
+    f"INSERT INTO {TABLE} (key, task_name) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING "
+    "RETURNING true"
+)
+# Only on the skip path: the committed run's result.
+FETCH = f"SELECT result::text FROM {TABLE} WHERE key = %s"
+# Only when the block has a result to keep (None costs nothing).
+STORE = f"UPDATE {TABLE} SET result = CAST(%s AS jsonb) WHERE key = %s"
+# Retention: in batches, so a prune never holds millions of row locks at once.
+PRUNE_BATCH = (
+    f"DELETE FROM {TABLE} WHERE key IN (SELECT key FROM {TABLE} "
+    "WHERE created_at < now() - CAST(%s AS interval) LIMIT %s)"
+)
+
+LOCK = "SELECT pg_advisory_lock(%s)"
+TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
+UNLOCK = "SELECT pg_advisory_unlock(%s)"
+
+INSUFFICIENT_PRIVILEGE = "42501"
+UNDEFINED_TABLE = "42P01"
+
+
+def named(sql: str, *names: str) -> str:
+    """``sql`` with its ``%s`` placeholders renamed ``:name`` in order (SQLAlchemy text)."""
+    parts = sql.split("%s")
+    if len(parts) != len(names) + 1:
+        raise ValueError(f"{len(parts) - 1} placeholders, {len(names)} names")
+    out = parts[0]
+    for name, part in zip(names, parts[1:], strict=True):
+        out += f":{name}{part}"
+    return out
+
+
+def lock_id(key: str) -> int:
+    """A stable signed 64-bit id of ``key`` for pg_advisory_lock(bigint): the same in every
+    process and every Python (``hash()`` is salted per process)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"lifeguard").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+_RETENTION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_retention(text: str) -> str:
+    """``30d``, ``12h``, ``90m``, ``2w``, ``45s`` -> a PostgreSQL interval literal."""
+    match = _RETENTION.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r}: give a positive number and a unit s, m, h, d or w (30d)")
+    return f"{match.group(1)} {_UNITS[match.group(2)]}"
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, through Django's and SQLAlchemy's wrappers."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        code = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(code, str):
+            return code
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
+class OnceStorageError(LifeguardError):
+    """The key table is missing, or the role may not use it: the guarantee cannot hold,
+    so the task fails loudly instead of running unguarded."""
+
+
+def storage_error(exc: BaseException, role: Any = None) -> OnceStorageError | None:
+    """A clear error for a missing table or privilege; None for any other error."""
+    code = sqlstate(exc)
+    who = role or "<the workers' role>"
+    if code == INSUFFICIENT_PRIVILEGE:
+        return OnceStorageError(
+            f"permission denied on table {TABLE}: run "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO {who}; "
+            f"(creating it needs CREATE on the schema: lifeguard migrate as its owner)"
+        )
+    if code == UNDEFINED_TABLE:
+        return OnceStorageError(
+            f"table {TABLE} does not exist: run `lifeguard migrate --database-url URL` "
+            "(or `manage.py migrate lifeguard` with lifeguard.contrib.django installed)"
+        )
+    return None

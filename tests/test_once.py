@@ -1,0 +1,224 @@
+"""Exactly-once effects and singleton locks: real prefork workers, real SIGKILLs, and
+every count read from PostgreSQL (docs/once.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from lifeguard.postgres.appname import parse_application_name
+from lifeguard.postgres.once_sql import lock_id
+from tests.support import Database, SandboxTasks
+
+
+@pytest.fixture(scope="module")
+def once_db(test_db: Database) -> Database:
+    """The key table as `lifeguard migrate` makes it, and the tests' effect tables."""
+    command = [sys.executable, "-c", "from lifeguard.cli import main; main()", "migrate"]
+    command += ["--database-url", test_db.url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0, again.stderr  # idempotent
+    test_db.execute(
+        "CREATE TABLE IF NOT EXISTS lifeguard_once_effects (key text, value text, pid int)"
+    )
+    test_db.execute(
+        "CREATE TABLE IF NOT EXISTS lifeguard_singleton_runs (key text, during tstzrange, "
+        "EXCLUDE USING gist (during WITH &&))"
+    )
+    return test_db
+
+
+@pytest.fixture
+def clean(once_db: Database) -> Iterator[Database]:
+    for table in ("lifeguard_once", "lifeguard_once_effects", "lifeguard_singleton_runs"):
+        once_db.execute(f"TRUNCATE {table}")
+    yield once_db
+
+
+def wait_for(probe: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"not seen within {timeout}s")
+
+
+def effects(db: Database, key: str | None = None) -> list[tuple[Any, ...]]:
+    if key is None:
+        return db.execute("SELECT key, value FROM lifeguard_once_effects ORDER BY key")
+    return db.execute("SELECT key, value FROM lifeguard_once_effects WHERE key = %s", [key])
+
+
+def worker_pid_in_transaction(db: Database, prefix: str) -> int | None:
+    """The worker process whose session is idle in transaction (inside the once block)."""
+    for backend in db.backends(prefix):
+        if backend.state == "idle in transaction":
+            parsed = parse_application_name(backend.application_name, prefix)
+            if parsed is not None:
+                return parsed.pid
+    return None
+
+
+Harness = tuple[Callable[..., Any], SandboxTasks]
+
+
+@pytest.fixture
+def harness(
+    request: pytest.FixtureRequest,
+    sandbox_worker: Any,
+    sqla_worker: Any,
+    tasks: SandboxTasks,
+    sqla_tasks: SandboxTasks,
+) -> Harness:
+    """(start a worker, send tasks) of the Django sandbox or of the SQLAlchemy app."""
+    if request.param == "django":
+        return sandbox_worker, tasks
+    return sqla_worker, sqla_tasks
+
+
+# --- exactly-once effects -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("harness", ["django", "sqlalchemy"], indirect=True)
+def test_killed_after_commit_redelivery_skips_and_returns_the_stored_result(
+    harness: Harness, clean: Database
+) -> None:
+    """The commit happened, the ack did not: the redelivered run must not write again."""
+    start, send = harness
+    start()
+    result = send.send("once_effect", None, "v1", 0.0, 30.0)  # key: the task id
+    row = wait_for(
+        lambda: clean.execute("SELECT result FROM lifeguard_once WHERE key = %s", [result.id])
+    )
+    first = row[0][0]
+    assert first["skipped"] is False
+    os.kill(first["pid"], signal.SIGKILL)  # during the sleep after the commit
+    again = result.get(timeout=30)
+    assert again == {**first, "skipped": True}
+    assert effects(clean, result.id) == [(result.id, "v1")]
+
+
+@pytest.mark.parametrize("harness", ["django", "sqlalchemy"], indirect=True)
+def test_killed_before_commit_redelivery_runs_once(
+    harness: Harness, clean: Database, prefix: str
+) -> None:
+    """Killed inside the transaction: nothing was kept, so the redelivery does the work."""
+    start, send = harness
+    start()
+    key = f"order:{uuid.uuid4().hex[:6]}"
+    result = send.send("once_effect", key, "v1", 2.0, 0.0)
+    victim = wait_for(lambda: worker_pid_in_transaction(clean, prefix))
+    os.kill(victim, signal.SIGKILL)
+    out = result.get(timeout=30)
+    assert out["skipped"] is False and out["pid"] != victim
+    assert effects(clean, key) == [(key, "v1")]
+    assert clean.execute("SELECT count(*) FROM lifeguard_once WHERE key = %s", [key]) == [(1,)]
+
+
+@pytest.mark.parametrize(
+    ("harness", "task"),
+    [("django", "once_decorated"), ("sqlalchemy", "once_effect"), ("async", "async_once_effect")],
+    indirect=["harness"],
+)
+def test_two_workers_racing_200_tasks_over_20_keys_make_20_effects(
+    harness: Harness, task: str, clean: Database
+) -> None:
+    """Concurrent runs of a key serialise on its unique index: one effect per key, and
+    every run of a key returns the committed run's result."""
+    start, send = harness
+    start(concurrency=2)
+    start(concurrency=2)
+    keys = [f"k{i:02d}" for i in range(20)]
+    sent = [(keys[i % 20], send.send(task, keys[i % 20], f"v{i}")) for i in range(200)]
+    results: dict[str, set[str]] = {}
+    for key, result in sent:
+        out = result.get(timeout=60)
+        results.setdefault(key, set()).add(out["value"])
+    rows = effects(clean)
+    assert len(rows) == 20 and {key for key, _ in rows} == set(keys)
+    for key, value in rows:
+        assert results[key] == {value}, (key, results[key], value)
+
+
+def test_missing_table_is_a_clear_error(
+    test_db: Database, sandbox_worker: Any, tasks: SandboxTasks, pg: Any
+) -> None:
+    """Without the table the guarantee cannot hold: the task fails saying what to run."""
+    from tests.support import scratch_database
+
+    with scratch_database(pg, "once") as bare:
+        bare.execute("CREATE TABLE lifeguard_once_effects (key text, value text, pid int)")
+        sandbox_worker(db_url=bare.url)
+        state, error = tasks.outcome("once_effect", "k", "v")
+    assert state == "FAILURE"
+    assert "lifeguard migrate" in str(error), error
+
+
+# --- singleton ------------------------------------------------------------------------------
+
+
+def advisory_holders(db: Database, key: str, granted: bool) -> list[int]:
+    big = lock_id(key) & 0xFFFFFFFFFFFFFFFF
+    rows = db.admin(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s "
+        "AND granted = %s",
+        [big >> 32, big & 0xFFFFFFFF, granted],
+    )
+    return [row[0] for row in rows]
+
+
+def test_singleton_holder_sigkilled_next_run_acquires_within_a_second(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks, prefix: str
+) -> None:
+    key = f"nightly:{uuid.uuid4().hex[:6]}"
+    sandbox_worker(concurrency=2)
+    holder = tasks.send("singleton_run", key, 30.0)
+    backend = wait_for(lambda: advisory_holders(clean, key, True))[0]
+    waiter = tasks.send("singleton_run", key, 0.0)
+    wait_for(lambda: advisory_holders(clean, key, False))
+    # No transaction is open while the lock is held: the lock session is idle.
+    state = clean.admin(
+        "SELECT state, application_name FROM pg_stat_activity WHERE pid = %s", [backend]
+    )
+    assert state[0][0] == "idle", state
+    holder_pid = parse_application_name(state[0][1], prefix)
+    assert holder_pid is not None
+    os.kill(holder_pid.pid, signal.SIGKILL)
+    killed_at = time.time()
+    out = waiter.get(timeout=20)
+    assert out["acquired"] is True
+    assert out["started"] - killed_at < 1.0, out["started"] - killed_at
+    holder.get(timeout=20, propagate=False)
+
+
+def test_contended_singleton_runs_never_overlap(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks
+) -> None:
+    """60 runs of one key on 4 processes: the exclusion constraint would refuse an
+    overlapping interval, and the self-join finds none; skip mode skips while held."""
+    sandbox_worker(concurrency=2)
+    sandbox_worker(concurrency=2)
+    runs = [tasks.send("singleton_run", "shared", 0.02) for _ in range(60)]
+    assert all(run.get(timeout=60)["acquired"] for run in runs)
+    overlaps = clean.execute(
+        "SELECT count(*) FROM lifeguard_singleton_runs a JOIN lifeguard_singleton_runs b "
+        "ON a.ctid < b.ctid AND a.during && b.during"
+    )
+    assert overlaps == [(0,)]
+    assert clean.execute("SELECT count(*) FROM lifeguard_singleton_runs") == [(60,)]
+    held = tasks.send("singleton_run", "shared", 3.0)
+    wait_for(lambda: advisory_holders(clean, "shared", True))
+    assert tasks.run("singleton_run", "shared", 0.0, "skip") == {"acquired": False}
+    assert held.get(timeout=20)["acquired"] is True
