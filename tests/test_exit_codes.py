@@ -25,7 +25,7 @@ from tests.monitor_support import lifeguard, start_lifeguard
 from tests.support import Database, scratch_database
 
 OK, WARNING, CRITICAL, CANNOT_RUN, CONFIG = 0, 1, 2, 3, 78
-COMMANDS = ["check", "monitor", "doctor", "validate", "demo"]
+COMMANDS = ["check", "monitor", "doctor", "validate", "demo", "migrate"]
 
 
 def dead_url(password: str = "s3cret-pw") -> str:
@@ -73,6 +73,10 @@ def test_an_unknown_command_exits_3():
         (["validate", "-A", "x", "--task", "t", "--soak", "soon"], "not a duration"),
         (["demo", "--tasks", "-1"], "--tasks"),
         (["demo", "--tasks", "many"], "--tasks"),
+        (
+            ["migrate", "--database-url", "postgresql://127.0.0.1:1/x", "--prune-older-than", "0d"],
+            "older",
+        ),
     ],
 )
 def test_a_bad_value_is_refused_by_the_parser(args: list[str], message: str):
