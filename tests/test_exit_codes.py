@@ -73,6 +73,7 @@ def test_an_unknown_command_exits_3():
         (["validate", "-A", "x", "--task", "t", "--soak", "soon"], "not a duration"),
         (["demo", "--tasks", "-1"], "--tasks"),
         (["demo", "--tasks", "many"], "--tasks"),
+        (["demo", "--seconds", "5"], "--seconds"),
     ],
 )
 def test_a_bad_value_is_refused_by_the_parser(args: list[str], message: str):
