@@ -73,6 +73,7 @@ def test_an_unknown_command_exits_3():
         (["validate", "-A", "x", "--task", "t", "--soak", "soon"], "not a duration"),
         (["demo", "--tasks", "-1"], "--tasks"),
         (["demo", "--tasks", "many"], "--tasks"),
+        (["demo", "--seconds", "5"], "--seconds"),
         (
             ["migrate", "--database-url", "postgresql://127.0.0.1:1/x", "--prune-older-than", "0d"],
             "older",

@@ -1,8 +1,10 @@
-"""``lifeguard demo``: stock Celery against lifeguard, on real servers, in about a minute.
+"""``lifeguard demo``: stock Celery against lifeguard, on real servers, in about two minutes.
 
 With no arguments it needs no running services: it starts an embedded PostgreSQL
 (password authentication, TLS when the binaries have it) and an embedded Redis, and
-stops them at the end. The scenarios are in :mod:`lifeguard.demo.runner`.
+stops them at the end. The table's scenarios are in :mod:`lifeguard.demo.runner`; the
+report's workload (the same load and faults on both sides) in :mod:`lifeguard.demo.timeline`.
+Each phase is logged as a plain, flushed line as it starts and ends, on a terminal or not.
 
 Exit status (docs/commands.md): 0 every scenario showed what it should, 1 one did not,
 3 could not run (a bad option, a given server malformed or not answering, Ctrl-C); the
@@ -10,6 +12,10 @@ servers given are checked before anything starts.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import time
 
 import click
 
@@ -35,42 +41,54 @@ from ._exit import ContractCommand, Exit, cannot_run
     help="Tasks in the throughput run.",
 )
 @click.option(
+    "--seconds",
+    type=click.IntRange(min=20, max=600),
+    default=26,
+    show_default=True,
+    help="Length of the report's workload on each side (stock, then lifeguard).",
+)
+@click.option(
     "--report",
     "report_path",
-    default="lifeguard-demo.html",
-    show_default=True,
+    default=None,
     type=click.Path(dir_okay=False, writable=True),
-    help="Where to write the HTML report (charts of the same load on stock and lifeguard).",
+    help="Where to write the HTML report "
+    "[default: lifeguard-reports/demo-<date>-<time>.html, ignored by git].",
 )
-def demo(database_url: str | None, broker_url: str | None, tasks: int, report_path: str) -> None:
+def demo(
+    database_url: str | None,
+    broker_url: str | None,
+    tasks: int,
+    seconds: int,
+    report_path: str | None,
+) -> None:
     """Show the problems lifeguard fixes, side by side with stock Celery."""
+    log = _PhaseLog()
+    log.line("lifeguard demo: starting " + _what_starts(database_url, broker_url))
     from rich.console import Console
     from rich.table import Table
 
     try:
         from ..demo.runner import Demo, Services, ServiceUnavailable
+        from ..demo.timeline import report_page, run_sides, summary_rows
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         cannot_run(f"the demo needs the 'demo' extra: pip install 'celery-lifeguard[demo]' ({exc})")
 
     console = Console()
     try:
-        with console.status("starting services"):
-            services = Services.start(database_url, broker_url)
+        services = Services.start(database_url, broker_url)
     except ServiceUnavailable as exc:
         cannot_run(str(exc))
     run = Demo(services)
     try:
-        console.print(f"PostgreSQL: {redact_url(services.server.url(run.database))}")
-        console.print(f"Redis:      {redact_url(services.broker)}")
+        log.line(f"PostgreSQL: {redact_url(services.server.url(run.database))}")
+        log.line(f"Redis:      {redact_url(services.broker)}")
         run.create()
-        with console.status("") as status:
-
-            def progress(text: str) -> None:
-                status.update(f"running: {text}")
-
-            run.run(tasks, progress)
-            records = run.report_records(progress)
+        run.run(tasks, log.phase)
+        log.phase(None)
+        stock, guarded = run_sides(run, float(seconds), log.line)
     finally:
+        log.phase(None)
         run.drop()
         services.close()
 
@@ -94,9 +112,57 @@ def demo(database_url: str | None, broker_url: str | None, tasks: int, report_pa
         "stock: Celery's Django fixup closes connections around every task; the soft time "
         "limit and open-transaction rows use CELERY_DB_REUSE_MAX, the reuse knob Celery offers."
     )
+    summary = Table(title=f"the report's workload: {seconds}s per side, the same faults")
+    for column in ("", stock.title, guarded.title):
+        summary.add_column(column)
+    for cells in summary_rows(stock, guarded):
+        summary.add_row(*cells)
+    console.print(summary)
     from ..report import write_html
 
-    written = write_html(records, report_path, title="lifeguard demo: stock Celery vs lifeguard")
-    console.print(f"report: {written}")
-    if not all(row.ok for row in run.rows):
+    target = report_path or _default_report()
+    written = write_html([], target, page=report_page(stock, guarded))
+    console.print(f"report: {written}", soft_wrap=True)
+    assert guarded.record is not None
+    missed = [c.title for c in guarded.record.criteria if c.failed]
+    if missed:
+        console.print(f"FAILED on the lifeguard side: {'; '.join(missed)}", soft_wrap=True)
+    if missed or not all(row.ok for row in run.rows):
         raise SystemExit(Exit.WARNING)
+
+
+def _what_starts(database_url: str | None, broker_url: str | None) -> str:
+    wanted = [
+        "an embedded PostgreSQL" if database_url is None else "",
+        "an embedded Redis" if broker_url is None else "",
+    ]
+    started = " and ".join(part for part in wanted if part)
+    return started + " (a few seconds)" if started else "checking the servers given"
+
+
+def _default_report() -> str:
+    """``lifeguard-reports/`` in the current directory: where users look, ignored by git."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("lifeguard-reports", f"demo-{stamp}.html")
+
+
+class _PhaseLog:
+    """Plain lines, flushed at once, on a terminal or not: each phase as it starts and
+    ends, with the seconds since the demo started."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.current: str | None = None
+        self.since = self.t0
+
+    def line(self, text: str) -> None:
+        click.echo(f"[{time.monotonic() - self.t0:5.1f}s] {text}")
+        sys.stdout.flush()
+
+    def phase(self, text: str | None) -> None:
+        """The scenario now running (None: none); the previous one is logged as ended."""
+        if self.current is not None:
+            self.line(f"{self.current}: done in {time.monotonic() - self.since:.1f}s")
+        self.current, self.since = text, time.monotonic()
+        if text is not None:
+            self.line(f"{text}: start")

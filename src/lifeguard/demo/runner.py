@@ -226,12 +226,23 @@ class Demo:
             **knobs,
         )
         app = Celery("demo", broker=self.services.broker, backend=self.services.broker)
-        worker.start()
         try:
+            worker.start()
             yield _Client(app, worker)
         finally:
             worker.stop()
             app.close()
+            worker.log_path.unlink(missing_ok=True)  # nothing left behind in /tmp
+
+    @property
+    def can_restart(self) -> bool:
+        """The server is the demo's own: it may be restarted mid-run."""
+        return any(isinstance(owned, EmbeddedPostgres) for owned in self.services.owned)
+
+    def restart_server(self) -> None:
+        for owned in self.services.owned:
+            if isinstance(owned, EmbeddedPostgres):
+                owned.restart()
 
     def sessions(self) -> int:
         return self.server.session_count(self.database)
@@ -343,45 +354,6 @@ class Demo:
                 ok=l_recycles >= 1 and l_named is not None,
             )
         )
-
-    # --- the report: the same load on both, sampled over time (lifeguard validate) -----
-
-    def report_records(self, progress: Progress, count: int = 60, mib: float = 1.0) -> list[Any]:
-        """Stock and lifeguard workers under the same load (one query and 1 MiB kept per
-        task), each sampled by ``lifeguard validate``'s machinery: connections by state,
-        RSS per child with its recycles, tasks/s, and the validation's criteria."""
-        from ..monitor.report import Monitor
-        from ..monitor.target import resolve_target
-        from ..monitor.thresholds import Thresholds
-        from ..validate.load import TaskCall
-        from ..validate.run import Settings, Validation
-
-        records = []
-        for mode, options, title in (
-            ("stock", {}, "stock Celery"),
-            (
-                "lifeguard",
-                {"memory_growth_limit": "24MiB"},
-                "lifeguard (memory_growth_limit 24MiB)",
-            ),
-        ):
-            progress(f"report: {count} tasks that query and keep {mib:g} MiB, {mode}")
-            with self.worker(mode, options=json.dumps(options)) as client:
-                monitor = Monitor(
-                    resolve_target(self.server.url(self.database)), self.PREFIX, Thresholds()
-                )
-                settings = Settings(
-                    call=TaskCall(f"{TASKS}.query_and_leak", (mib,), {}, client.worker.queue),
-                    count=count,
-                    concurrency=4,
-                    settle=1.5,
-                    interval=0.25,
-                    warmup_rounds=1,
-                )
-                result = Validation(client.app, monitor, settings, app_name=title).run()
-            result.record.title = f"{title}: {count} tasks, one query and {mib:g} MiB kept each"
-            records.append(result.record)
-        return records
 
     def attribution(self, progress: Progress) -> None:
         progress("who holds the backends?")

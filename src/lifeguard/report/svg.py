@@ -102,18 +102,27 @@ class _Scale:
         return TOP + PLOT_H * (1.0 - min(max(share, 0.0), 1.0))
 
 
-def chart_svg(chart: Chart, phases: Sequence[Phase], duration: float) -> str:
-    """The chart as an ``<svg>`` element sized by its viewBox (it scales to its box)."""
+def chart_values(chart: Chart) -> list[float]:
+    """Every value the chart draws (stacked tops, lines, limit): what its scale covers."""
+    stacks = _stacks([s for s in chart.series if s.area])
+    return (
+        [top for _, tops in stacks for _, top in tops]
+        + [v for s in chart.series if not s.area for _, v in s.points if v is not None]
+        + ([chart.limit] if chart.limit is not None else [])
+    )
+
+
+def chart_svg(
+    chart: Chart, phases: Sequence[Phase], duration: float, shared: Sequence[float] = ()
+) -> str:
+    """The chart as an ``<svg>`` element sized by its viewBox (it scales to its box);
+    ``shared``: values of a chart drawn beside it, so both get the same value axis."""
     colors = series_colors(chart)
     stacks = _stacks([s for s in chart.series if s.area])
     lines = [s for s in chart.series if not s.area]
     last_t = max((t for s in chart.series for t, _ in s.points), default=0.0)
     duration = max(duration, last_t)
-    values = (
-        [top for _, tops in stacks for _, top in tops]
-        + [v for s in lines for _, v in s.points if v is not None]
-        + ([chart.limit] if chart.limit is not None else [])
-    )
+    values = chart_values(chart) + list(shared)
     y_ticks = _value_ticks(chart, values)
     scale = _Scale(duration, y_ticks[0], y_ticks[-1])
     parts = [
@@ -128,7 +137,7 @@ def chart_svg(chart: Chart, phases: Sequence[Phase], duration: float) -> str:
             for index, series in enumerate(lines)
         ),
         *_limit(chart, scale),
-        *(_marker(marker, chart, colors, scale) for marker in chart.markers),
+        *(_marker(marker, chart, colors, scale, row) for marker, row in _rows(chart.markers)),
         "</svg>",
     ]
     return "\n".join(part for part in parts if part)
@@ -280,16 +289,33 @@ def _value_at(series: Series, t: float) -> float | None:
     return found
 
 
-def _marker(marker: Marker, chart: Chart, colors: dict[str, str], scale: _Scale) -> str:
+def _rows(markers: Sequence[Marker]) -> Iterable[tuple[Marker, int]]:
+    """Each marker with the row of its label: fault labels take turns on three rows, so
+    faults close in time don't write over each other."""
+    faults = 0
+    for marker in markers:
+        yield marker, faults % 3
+        faults += marker.kind == "fault"
+
+
+def _marker(
+    marker: Marker, chart: Chart, colors: dict[str, str], scale: _Scale, row: int = 0
+) -> str:
     x = scale.x(marker.t)
     title = f"<title>{escape(marker.label)} at {format_time(marker.t)}</title>"
     kind = escape(marker.kind)
     on = next((s for s in chart.series if s.label == marker.series), None)
     value = _value_at(on, marker.t) if on is not None else None
     if on is None or value is None:
+        label = (
+            f'<text class="marker-label" x="{x + 3:.1f}" y="{TOP + 10 + 11 * row}">'
+            f"{escape(marker.label)}</text>"
+            if marker.kind == "fault"
+            else ""
+        )
         return (
             f'<g class="marker {kind}">{title}<line class="rule" x1="{x:.1f}" x2="{x:.1f}" '
-            f'y1="{TOP}" y2="{TOP + PLOT_H}"/></g>'
+            f'y1="{TOP}" y2="{TOP + PLOT_H}"/>{label}</g>'
         )
     y = scale.y(value)
     color = colors[on.label]

@@ -105,6 +105,23 @@ def find_workers(
     return [_node(name, stats.get(name) or {}, lifeguard) for name in names]
 
 
+def lifeguard_nodes(app: Any, names: list[str], timeout: float) -> set[str]:
+    """The nodes among ``names`` that answer ``lifeguard_processes``: lifeguard runs in
+    the worker itself (a worker without it logs a ``pidbox command error`` once)."""
+    try:
+        replies = app.control.broadcast(
+            COMMAND, destination=names, reply=True, timeout=timeout, limit=len(names)
+        )
+    except Exception:
+        return set()
+    return {
+        name
+        for reply in replies or ()
+        for name, answer in reply.items()
+        if isinstance(answer, Mapping) and "error" not in answer and "lifeguard" in answer
+    }
+
+
 def _consumes(consumed: Iterable[Mapping[str, Any]] | None, queue: str) -> bool:
     return any(entry.get("name") == queue for entry in consumed or ())
 
