@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..concerns.green_pool import default_budget
+from ..options import Options
 from .context import DjangoAlias, DoctorContext, EngineInfo, WorkerShape
 
 
@@ -151,6 +152,7 @@ def worker_lines(
 def connection_budget(ctx: DoctorContext, endpoint: str, usable: int) -> Budget:
     """The budget of the app's connections to the server at ``endpoint``."""
     shape = ctx.shape
+    options = (ctx.options or ctx.guard.options) if ctx.installed and ctx.guard else None
     engines = [engine for engine in ctx.all_engines() if engine.dialect == "postgresql"]
     here = [alias for alias in ctx.postgres_aliases() if alias.endpoint == endpoint]
     engines_here = [engine for engine in engines if engine.endpoint == endpoint]
@@ -171,21 +173,27 @@ def connection_budget(ctx: DoctorContext, endpoint: str, usable: int) -> Budget:
     ]
     return Budget(
         hosts=shape.hosts,
-        worker_lines=tuple(worker_lines(here, engines_here, shape, green_budgets(ctx))),
+        worker_lines=tuple(
+            worker_lines(here, engines_here, shape, green_budgets(options, shape, here))
+        ),
         web_lines=tuple(web_lines),
         usable=usable,
         elsewhere=tuple(elsewhere),
     )
 
 
-def green_budgets(ctx: DoctorContext) -> dict[str, int]:
-    """Aliases whose greenlets share lifeguard's green budget, and its size."""
-    options = ctx.options
-    if not ctx.installed or options is None or not ctx.shape.kind.green:
+def green_budgets(
+    options: Options | None, shape: WorkerShape, aliases: Iterable[DjangoAlias]
+) -> dict[str, int]:
+    """Aliases whose greenlets share lifeguard's green budget (``options``: the installed
+    lifeguard's, None without it), and its size."""
+    if options is None or options.django is False or not shape.kind.green:
         return {}
-    budget = options.green_budget or default_budget(ctx.shape.units)
+    budget = options.green_budget or default_budget(shape.units)
     return {
         alias.alias: budget
-        for alias in ctx.postgres_aliases()
-        if ctx.manages(alias) and alias.pool is None and alias.conn_max_age != 0
+        for alias in aliases
+        if (options.django_aliases is None or alias.alias in options.django_aliases)
+        and alias.pool is None
+        and alias.conn_max_age != 0
     }
