@@ -54,7 +54,8 @@ def test_gevent_100_greenlets_reuse_a_budget_of_connections(
     assert len(sessions) <= 10, len(sessions)  # the default budget: min(100, 10)
     assert _idle_in_transaction(test_db, prefix) == []
     stats = tasks.run("guard_stats")["django"]["aliases"]["default"]["green"]
-    assert stats["budget"] == 10 and stats["peak_in_use"] <= 10
+    # 10, or half the free slots if the shared server has fewer than 20 free.
+    assert 1 <= stats["peak_in_use"] <= stats["budget"] <= 10
     worker.stop()
     assert test_db.wait_for_no_backends(prefix, timeout=5) == []
     assert test_db.sessions() - before <= 10
