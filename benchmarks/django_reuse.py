@@ -1,4 +1,4 @@
-"""Django connections in a prefork worker: stock Celery against lifeguard, side by side.
+"""Django connections in prefork and gevent workers: stock Celery against lifeguard.
 
 A real `celery worker -P prefork -c 2` runs one-query tasks against a PostgreSQL configured
 the way production servers are (TLS and scram-sha-256 password authentication, started
@@ -11,6 +11,10 @@ interleaved; the table shows medians over the rounds:
   no-DB task (ceiling)         stock Celery running a task that touches no database
   lifeguard                    lifeguard.install(app), CONN_MAX_AGE=600
   lifeguard, native pool       lifeguard.install(app) with Django's pool
+
+and the same one-query tasks under `-P gevent -c 100` (stock, lifeguard with nothing but
+CONN_MAX_AGE=600, and the no-DB ceiling), where lifeguard shares a budget of warm
+connections between greenlets.
 
 New server sessions come from pg_stat_database.sessions, read after the worker stopped
 (every session's statistics are flushed by then).
@@ -38,6 +42,15 @@ class Config:
     task: str = "one_query"
     conn_max_age: str = "600"
     pool: str = ""
+    worker_pool: str = "prefork"
+
+
+GREEN_CONCURRENCY = 100
+GEVENT_CONFIGS = [
+    Config("gevent: stock, CONN_MAX_AGE=600", "stock", worker_pool="gevent"),
+    Config("gevent: no-DB task (ceiling)", "stock", task="noop", worker_pool="gevent"),
+    Config("gevent: lifeguard", "lifeguard", worker_pool="gevent"),
+]
 
 
 CONFIGS = [
@@ -47,6 +60,7 @@ CONFIGS = [
     Config("no-DB task (ceiling)", "stock", task="noop"),
     Config("lifeguard", "lifeguard"),
     Config("lifeguard, native pool", "lifeguard", conn_max_age="0", pool=POOL),
+    *GEVENT_CONFIGS,
 ]
 
 
@@ -60,7 +74,8 @@ def build(config: Config, db_url: str, redis: str, concurrency: int) -> tuple[Ce
         conn_max_age=config.conn_max_age,
         native_pool=config.pool,
         quiet=True,
-        concurrency=concurrency,
+        pool=config.worker_pool,
+        concurrency=GREEN_CONCURRENCY if config.worker_pool == "gevent" else concurrency,
     )
     return worker, f"{TASKS}.{config.task}"
 
@@ -75,6 +90,8 @@ def main() -> None:
     print("| configuration | tasks/s | new sessions | sessions per 1,000 tasks |")
     print("| --- | ---: | ---: | ---: |")
     for config in CONFIGS:
+        if config in GEVENT_CONFIGS:
+            continue
         rate, new = med[config.label]
         per_k = new * 1000 / (args.tasks + 20)
         print(f"| {config.label} | {rate:.0f} | {new:.0f} | {per_k:.1f} |")
@@ -92,6 +109,19 @@ def main() -> None:
     print(f"lifeguard pool / stock pool:      {ratio(lgp, CONFIGS[1].label):.2f}x  (target >= 5x)")
     per_k = med[lg][1] * 1000 / (args.tasks + 20)
     print(f"lifeguard sessions / 1,000 tasks: {per_k:.1f}  (target <= {args.concurrency})")
+
+    print(f"\ngevent, concurrency {GREEN_CONCURRENCY}, same tasks and server\n")
+    print("| configuration | tasks/s | new sessions | sessions per 1,000 tasks |")
+    print("| --- | ---: | ---: | ---: |")
+    for config in GEVENT_CONFIGS:
+        rate, new = med[config.label]
+        per_k = new * 1000 / (args.tasks + 20)
+        print(f"| {config.label} | {rate:.0f} | {new:.0f} | {per_k:.1f} |")
+    glg, gceil = GEVENT_CONFIGS[2].label, GEVENT_CONFIGS[1].label
+    print()
+    print(f"gevent lifeguard / no-DB ceiling: {ratio(glg, gceil):.2f}x  (target >= 0.85x)")
+    print(f"gevent lifeguard / stock:         {ratio(glg, GEVENT_CONFIGS[0].label):.2f}x")
+    print(f"gevent lifeguard new sessions:    {med[glg][1]:.0f}  (target <= the budget, 10)")
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ def test_gevent_50_greenlets_never_exceed_concurrency(
         stop.set()
         sampler.join()
     assert len(values) == 200
-    assert 1 <= peak[0] <= 50, peak[0]
-    # Connections are greenlet-local: none outlives its task.
-    assert test_db.wait_for_no_backends(prefix, timeout=3) == []
+    # Greenlets share a budget of warm connections (default min(concurrency, 10)).
+    assert 1 <= peak[0] <= 10, peak[0]
+    assert 1 <= len(test_db.backends(prefix)) <= 10
 
 
 def test_gevent_soft_cleanup_after_hard_time_limit(

@@ -231,10 +231,10 @@ def test_conn_max_age_zero_under_lifeguard_is_info():
     assert run.exit_code == OK  # info does not fail
 
 
-def test_conn_max_age_zero_under_gevent_points_to_the_native_pool():
+def test_conn_max_age_zero_under_gevent_points_to_the_green_budget():
     finding = django("--pool", "gevent", database={"CONN_MAX_AGE": 0}).only("LG009")
 
-    assert "OPTIONS['pool']" in finding["fix"]
+    assert "e.g. 600" in finding["fix"] and "green_budget" in finding["fix"]
 
 
 def test_conn_max_age_none_under_lifeguard_is_fine():

@@ -389,3 +389,19 @@ def test_pgbouncer_mode_said_on_the_command_line():
 
     assert run.only("LG015")["severity"] == "critical"
     assert run.only("LG015")["evidence"]["pooler"] == "--pgbouncer transaction"
+
+
+def test_green_workers_count_their_green_budget_not_their_concurrency(
+    doctor_db: Database, roles: dict[str, str]
+):
+    """gevent -c 200 on 4 hosts: 800 sessions without the budget, 4 x 10 with it."""
+    env = django_env(doctor_db, roles["tuned"], CONN_MAX_AGE=600)
+    run = doctor("djproj", "--pool", "gevent", "-c", "200", "--hosts", "4", env=env)
+    assert run.report["context"]["budget"]["total"] == 40
+    assert "LG016" not in run.ids
+
+    env["DOCTOR_SETTINGS"] = json.dumps({"CELERY_LIFEGUARD_GREEN_BUDGET": 30})  # 120 > 97
+    run = doctor("djproj", "--pool", "gevent", "-c", "200", "--hosts", "4", env=env)
+    assert run.only("LG016")["severity"] == "critical"
+    assert "4 hosts x (1 x 30) = 120" in run.only("LG016")["why"]
+    assert "green budget" in run.report["context"]["budget"]["workers"][0]["how"]

@@ -249,6 +249,19 @@ class Options:
         _optional_names,
         "Django database aliases to manage; None manages every PostgreSQL alias.",
     )
+    green_budget: int | None = _option(
+        None,
+        _optional_task_count,
+        "Under gevent/eventlet: connections per Django alias the whole process may hold, "
+        "shared by its greenlets across tasks; None: min(concurrency, 10), at most half "
+        "the database's free slots at process start.",
+    )
+    green_wait_timeout: float = _option(
+        30.0,
+        _seconds,
+        "Under gevent/eventlet: seconds a greenlet waits for one of the green_budget "
+        "connections before its query fails with an error naming the budget.",
+    )
     # --- worker metrics (Prometheus) ----------------------------------------------
     metrics_port: int | None = _option(
         None,

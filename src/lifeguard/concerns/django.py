@@ -36,6 +36,7 @@ from ..postgres.conninfo import describe_django_database
 from ..postgres.driver import Problem
 from .celery_fixup import CeleryDjangoFixup
 from .database_trouble import DatabaseTrouble
+from .green_pool import GreenBudget, GreenConnections, default_budget
 
 logger = logging.getLogger("lifeguard.django")
 
@@ -100,6 +101,8 @@ class DjangoConnections(Hook):
         self._known: weakref.WeakSet[Any] = weakref.WeakSet()
         self._foreign: list[_ForeignConnection] = []
         self._foreign_lock = threading.Lock()
+        self.green = GreenConnections()  # gevent/eventlet: warm connections shared by greenlets
+        self.green.vet = self._vet_warm
 
     # --- worker start: decide, validate, take over from Celery's fixup -----------------
 
@@ -230,12 +233,18 @@ class DjangoConnections(Hook):
     def _policy(self, alias: _Alias, settings_dict: dict[str, Any], worker: WorkerInfo) -> str:
         if alias.pooled:
             return "native pool kept open for the process, connections returned after each task"
+        max_age = settings_dict.get("CONN_MAX_AGE", 0)
+        if worker.pool.green and max_age != 0:
+            budget = self.guard.options.green_budget or default_budget(worker.concurrency)
+            return (
+                f"greenlets under {worker.pool.value} share up to {budget} warm connections "
+                "across tasks (the lifeguard option green_budget)"
+            )
         if worker.pool.green:
             return (
-                f"connections are per greenlet under {worker.pool.value}: closed after each "
-                "task (use OPTIONS['pool'] to reuse them)"
+                f"CONN_MAX_AGE=0 under {worker.pool.value}: closed after each task (set "
+                "CONN_MAX_AGE to share warm connections between greenlets)"
             )
-        max_age = settings_dict.get("CONN_MAX_AGE", 0)
         if max_age == 0:
             return "CONN_MAX_AGE=0: closed after each task (set CONN_MAX_AGE to reuse them)"
         limit = "no age limit" if max_age is None else f"up to {max_age}s old"
@@ -266,12 +275,31 @@ class DjangoConnections(Hook):
         if self.fixup is not None:
             self.fixup.after_fork()
         for alias in self.aliases.values():
+            if alias.pooled and worker.pool.green:
+                settings_dict = connections[alias.name].settings_dict
+                pool_options = settings_dict["OPTIONS"]["pool"]
+                settings_dict["OPTIONS"]["pool"] = self.green.add_native_pool(
+                    type(connections[alias.name]),
+                    alias.name,
+                    pool_options if isinstance(pool_options, dict) else {},
+                    self.guard.options.green_budget or default_budget(worker.concurrency),
+                    self.guard.options.green_wait_timeout,
+                )
             if alias.pooled:
                 pool = connections[alias.name].pool
                 self._install_pool_check(pool)
                 self._pool_opened_seen[alias.name] = 0
                 if forked:
                     pool.open(wait=False)  # warm connections before the first task
+            elif worker.pool.green and connections[alias.name].settings_dict["CONN_MAX_AGE"] != 0:
+                options = self.guard.options
+                budget = GreenBudget(
+                    alias.name,
+                    options.green_budget or default_budget(worker.concurrency),
+                    options.green_wait_timeout,
+                    auto=options.green_budget is None,
+                )
+                self.green.add(type(connections[alias.name]), budget)
 
     def _drop_inherited(self, connections: Any) -> None:
         """Forget every connection and pool copied from the parent, sending nothing."""
@@ -304,25 +332,45 @@ class DjangoConnections(Hook):
     def before_task(self, run: TaskRun) -> None:
         if not self.enabled:
             return
-        ping_after = self.guard.options.ping_after_idle
         now = time.monotonic()
         for alias, wrapper in self._initialized():
-            raw = wrapper.connection
-            if raw is None or alias.pooled:
+            if wrapper.connection is None or alias.pooled:
                 continue
-            problem = pgdriver.reuse_problem(raw)
-            if problem is None and wrapper.close_at is not None and now >= wrapper.close_at:
-                self._discard(wrapper, MAX_AGE, run.name)
-                continue
-            if problem is not None:
-                self._discard(wrapper, problem.value, run.name)
-                continue
-            idle = now - self._idle_since.get(wrapper, now)
-            if ping_after is not None and idle > ping_after and not wrapper.is_usable():
-                self._discard(wrapper, PING_FAILED, run.name)
+            reason = self._reuse_problem(wrapper, now)
+            if reason is not None:
+                self._discard(wrapper, reason, run.name)
                 continue
             self.guard.counters.incr(counters.CONNECTIONS_REUSED, task=run.name)
         self._close_unmanaged()
+
+    def _reuse_problem(self, wrapper: Any, now: float) -> str | None:
+        """Why a kept connection must not serve the next task: the cheap checks, then
+        CONN_MAX_AGE, then one round trip if it idled past ``ping_after_idle``."""
+        problem = pgdriver.reuse_problem(wrapper.connection)
+        if problem is None and wrapper.close_at is not None and now >= wrapper.close_at:
+            return MAX_AGE
+        if problem is not None:
+            return problem.value
+        ping_after = self.guard.options.ping_after_idle
+        idle = now - self._idle_since.get(wrapper, now)
+        if ping_after is not None and idle > ping_after and not wrapper.is_usable():
+            return PING_FAILED
+        return None
+
+    def _vet_warm(self, wrapper: Any, entry: Any) -> bool:
+        """Under green pools: may this greenlet's wrapper take a warm connection from the
+        process-wide set? The before-reuse checks, run inside Django's connect()."""
+        fresh_close_at = wrapper.close_at
+        wrapper.connection, wrapper.close_at = entry.raw, entry.close_at
+        self._idle_since[wrapper] = entry.since
+        reason = self._reuse_problem(wrapper, time.monotonic())
+        if reason is None:
+            wrapper.connection = None  # connect() assigns what get_new_connection returns
+            return True
+        run = self.guard.lifecycle.current_run()
+        self._discard(wrapper, reason, run.name if run is not None else None)
+        wrapper.close_at = fresh_close_at
+        return False
 
     def before_result_stored(self, run: TaskRun, backend: Any) -> None:
         """django-celery-results writes the result through the task's own connection:
@@ -378,10 +426,12 @@ class DjangoConnections(Hook):
             reason = self._end_of_task_problem(wrapper)
             if reason is None:
                 self._idle_since[wrapper] = time.monotonic()
+                self.green.hand_back(wrapper, self._idle_since[wrapper])  # gevent/eventlet
             else:
                 self._discard(wrapper, reason, run.name)
         self._close_unmanaged()
         self._sweep_foreign(run)
+        self.green.settle()  # a connection closed above frees its place in the green budget
         if self.fixup is not None:
             self.fixup.close_caches()
 
@@ -402,7 +452,8 @@ class DjangoConnections(Hook):
             return ERRORS_OCCURRED
         if wrapper.close_at is not None and time.monotonic() >= wrapper.close_at:
             return MAX_AGE
-        if self.worker is not None and self.worker.pool.green:
+        green = self.worker is not None and self.worker.pool.green
+        if green and wrapper.alias not in self.green.budgets:
             return GREENLET_SCOPE
         trouble = self.guard.hook(DatabaseTrouble)
         if trouble is not None and trouble.slots_scarce():
@@ -545,6 +596,8 @@ class DjangoConnections(Hook):
         task = run.name if run is not None else None
         if alias.pooled:
             self._count_pool_checkout(alias, connection, task)
+        elif self.green.took_warm(connection):
+            self.guard.counters.incr(counters.CONNECTIONS_REUSED, task=task)
         else:
             self.guard.counters.incr(counters.CONNECTIONS_OPENED, task=task)
         if run is None:
@@ -655,6 +708,7 @@ class DjangoConnections(Hook):
         from django.db import connections
 
         self._sweep_foreign(None)
+        self.green.close_idle()
         for wrapper in list(self._known):
             if wrapper.connection is None:
                 continue
@@ -687,8 +741,15 @@ class DjangoConnections(Hook):
                 pool = pools.get(alias.name)
                 if pool is not None:
                     entry["pool"] = pool.get_stats()
+            green = self.green.stats(alias.name)
+            if green is not None:
+                entry["green"] = green
             out[alias.name] = entry
         return {"aliases": out}
+
+    def metric_samples(self) -> list[Any]:
+        """The green budgets' figures for the worker's metrics endpoint."""
+        return self.green.metric_samples()
 
 
 def _unit_label(unit: Any) -> str:

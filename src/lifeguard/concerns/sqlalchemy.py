@@ -269,10 +269,53 @@ class SqlAlchemyEngines(Hook):
         self.worker = worker
         with self._lock:
             self._checked_out.clear()
+        if worker.pool.green and worker.concurrency:
+            for managed in list(self.engines):
+                self._check_green_pool_size(managed, worker)
         if not forked:
             return
         for managed in list(self.engines):
             self._abandon_pool(managed)
+
+    def _check_green_pool_size(self, managed: ManagedEngine, worker: WorkerInfo) -> None:
+        """Under gevent/eventlet every greenlet may check out a connection at once: say
+        what a QueuePool smaller than the concurrency (or unbounded) means there."""
+        pool = managed.engine.pool
+        size = _pool_figure(pool, "size")
+        overflow = getattr(pool, "_max_overflow", None)
+        if managed.is_async or size is None or overflow is None:
+            return
+        concurrency = worker.concurrency or 0
+        if overflow < 0:
+            self.guard.lifecycle.announce(
+                logger,
+                logging.WARNING,
+                "lifeguard: engine %s has max_overflow=-1 (unbounded) under %s -c %d: it may "
+                "open a connection per greenlet, up to %d; set max_overflow so pool_size + "
+                "max_overflow is the connections you want this process to hold.",
+                managed.label,
+                worker.pool.value,
+                concurrency,
+                concurrency,
+            )
+            return
+        capacity = size + overflow
+        if capacity < concurrency:
+            timeout = getattr(pool, "_timeout", None)
+            self.guard.lifecycle.announce(
+                logger,
+                logging.INFO,
+                "lifeguard: engine %s holds at most %d connections (pool_size + max_overflow) "
+                "for the %d greenlets of this %s worker: a greenlet past %d waits up to "
+                "pool_timeout=%ss, then its task fails with SQLAlchemy's TimeoutError. Raise "
+                "pool_size/max_overflow if tasks keep connections long.",
+                managed.label,
+                capacity,
+                concurrency,
+                worker.pool.value,
+                capacity,
+                timeout,
+            )
 
     def _abandon_pool(self, managed: ManagedEngine) -> None:
         """Give this process a fresh pool; forget the old one's connections without I/O.

@@ -6,6 +6,7 @@ server that was read:
 
 * Django, no native pool: one connection per thread or greenlet that runs a task (the
   concurrency under threads, gevent and eventlet; one per prefork child or solo worker);
+  under gevent/eventlet with lifeguard and ``CONN_MAX_AGE > 0``, its ``green_budget``;
 * Django's native pool: its ``min_size`` is always open (lifeguard opens it after fork),
   and it grows up to ``max_size`` as tasks need connections;
 * a SQLAlchemy pool: one connection per task running at once, up to
@@ -19,9 +20,11 @@ Times the hosts, plus each web process (one connection per alias, or its pool's
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ..concerns.green_pool import default_budget
+from ..options import Options
 from .context import DjangoAlias, DoctorContext, EngineInfo, WorkerShape
 
 
@@ -94,8 +97,14 @@ class Budget:
         }
 
 
-def django_per_process(alias: DjangoAlias, shape: WorkerShape) -> tuple[int, str]:
+def django_per_process(
+    alias: DjangoAlias, shape: WorkerShape, green_budget: int | None = None
+) -> tuple[int, str]:
     units = shape.units
+    if green_budget is not None:
+        return min(units, green_budget), (
+            f"lifeguard's green budget: {green_budget} connections shared by {units} greenlets"
+        )
     if alias.pool is not None:
         count = max(alias.pool_min_size, min(alias.pool_max_size, units))
         return count, (
@@ -119,15 +128,20 @@ def engine_per_process(engine: EngineInfo, shape: WorkerShape) -> tuple[int, str
 
 
 def worker_lines(
-    aliases: Iterable[DjangoAlias], engines: Iterable[EngineInfo], shape: WorkerShape
+    aliases: Iterable[DjangoAlias],
+    engines: Iterable[EngineInfo],
+    shape: WorkerShape,
+    green_budgets: Mapping[str, int] | None = None,
 ) -> list[BudgetLine]:
     """What each task process of a worker of ``shape`` may hold, per alias and engine.
 
     ``lifeguard validate`` uses it too, with the shape of each running worker.
+    ``green_budgets``: the aliases whose greenlets share lifeguard's green budget.
     """
     lines: list[BudgetLine] = []
     for alias in aliases:
-        per_process, how = django_per_process(alias, shape)
+        budget = (green_budgets or {}).get(alias.alias)
+        per_process, how = django_per_process(alias, shape, budget)
         lines.append(BudgetLine(f"Django {alias.where}", per_process, shape.processes, how))
     for engine in engines:
         per_process, how = engine_per_process(engine, shape)
@@ -138,6 +152,7 @@ def worker_lines(
 def connection_budget(ctx: DoctorContext, endpoint: str, usable: int) -> Budget:
     """The budget of the app's connections to the server at ``endpoint``."""
     shape = ctx.shape
+    options = (ctx.options or ctx.guard.options) if ctx.installed and ctx.guard else None
     engines = [engine for engine in ctx.all_engines() if engine.dialect == "postgresql"]
     here = [alias for alias in ctx.postgres_aliases() if alias.endpoint == endpoint]
     engines_here = [engine for engine in engines if engine.endpoint == endpoint]
@@ -158,8 +173,27 @@ def connection_budget(ctx: DoctorContext, endpoint: str, usable: int) -> Budget:
     ]
     return Budget(
         hosts=shape.hosts,
-        worker_lines=tuple(worker_lines(here, engines_here, shape)),
+        worker_lines=tuple(
+            worker_lines(here, engines_here, shape, green_budgets(options, shape, here))
+        ),
         web_lines=tuple(web_lines),
         usable=usable,
         elsewhere=tuple(elsewhere),
     )
+
+
+def green_budgets(
+    options: Options | None, shape: WorkerShape, aliases: Iterable[DjangoAlias]
+) -> dict[str, int]:
+    """Aliases whose greenlets share lifeguard's green budget (``options``: the installed
+    lifeguard's, None without it), and its size."""
+    if options is None or options.django is False or not shape.kind.green:
+        return {}
+    budget = options.green_budget or default_budget(shape.units)
+    return {
+        alias.alias: budget
+        for alias in aliases
+        if (options.django_aliases is None or alias.alias in options.django_aliases)
+        and alias.pool is None
+        and alias.conn_max_age != 0
+    }

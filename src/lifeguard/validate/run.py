@@ -467,12 +467,20 @@ def workers_budget(app: Any, nodes: Sequence[WorkerNode]) -> tuple[int, str]:
     """The connections the running workers may hold, and how: doctor's budget of the app's
     PostgreSQL aliases and engines (pool sizes included), for each worker's pool and
     concurrency. An app with neither counts one connection per task slot."""
-    from ..doctor.budget import BudgetLine, worker_lines
-    from ..doctor.context import Setting, WorkerShape, django_aliases, engine_infos
+    from ..doctor.budget import BudgetLine, green_budgets, worker_lines
+    from ..doctor.context import (
+        Setting,
+        WorkerShape,
+        django_aliases,
+        engine_infos,
+        resolve_options,
+    )
     from ..guard import current_guard
 
     aliases = django_aliases() or ()
-    engines = [e for e in engine_infos(current_guard(app)) or () if e.dialect == "postgresql"]
+    guard = current_guard(app)
+    options = resolve_options(guard)[0]
+    engines = [e for e in engine_infos(guard) or () if e.dialect == "postgresql"]
     total, parts = 0, []
     for node in nodes:
         shape = WorkerShape(
@@ -481,7 +489,8 @@ def workers_budget(app: Any, nodes: Sequence[WorkerNode]) -> tuple[int, str]:
             max_tasks_per_child=None,
             max_memory_per_child=None,
         )
-        lines = worker_lines(aliases, engines, shape) or [
+        green = green_budgets(options, shape, aliases)
+        lines = worker_lines(aliases, engines, shape, green) or [
             BudgetLine("one connection per task slot", shape.units, shape.processes, "")
         ]
         total += sum(line.per_host for line in lines)

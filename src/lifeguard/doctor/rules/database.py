@@ -322,7 +322,7 @@ def _kept_idle(ctx: DoctorContext, endpoint: str, timeout: float) -> tuple[list[
             continue
         outlives = alias.conn_max_age is None or alias.conn_max_age > timeout
         if ctx.manages(alias):
-            kept, checked = alias.pool is not None or (not green and outlives), True
+            kept, checked = alias.pool is not None or outlives, True  # green: the budget
         elif alias.pool is not None:  # stock Celery closes it per task under prefork only
             kept, checked = not ctx.shape.kind.forks, alias.health_checks
         else:  # stock Celery 5.5 and older keep it for CONN_MAX_AGE

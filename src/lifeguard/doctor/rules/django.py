@@ -130,13 +130,13 @@ def conn_max_age_zero(ctx: DoctorContext) -> Iterator[Finding]:
                 f"{ctx.shape.kind.value}",
                 why=(
                     "Django's connections belong to the greenlet that opened them and every "
-                    "task runs in a new greenlet, so they are closed at task end whatever "
-                    "CONN_MAX_AGE says."
+                    "task runs in a new greenlet; with CONN_MAX_AGE=0 lifeguard closes each "
+                    "at task end instead of sharing it with the next greenlet."
                 ),
                 fix=(
-                    f"To reuse connections, give {alias.where} Django's native pool (Django "
-                    "5.1+, psycopg 3): OPTIONS['pool'] = {'min_size': 1, 'max_size': "
-                    "<concurrent database tasks>}, with CONN_MAX_AGE = 0."
+                    f"Set CONN_MAX_AGE in {alias.where}, e.g. 600: the process's greenlets "
+                    "then share a budget of warm connections (the lifeguard option "
+                    "green_budget, default min(concurrency, 10))."
                 ),
                 subject=alias.where,
             )

@@ -1,0 +1,189 @@
+"""gevent and eventlet workers sharing warm Django connections under a budget.
+
+Real green workers, real PostgreSQL: sessions are counted from pg_stat_database and
+pg_stat_activity, not from lifeguard's own counters.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from lifeguard.demo.postgres import free_port
+from tests.monitor_support import samples, scrape, wait_for
+from tests.support import Database, SandboxTasks
+from tests.test_django_pools import peak_backends
+
+
+def _green_worker(sandbox_worker, pool: str = "gevent", concurrency: int = 20, **options):
+    """A green worker with CONN_MAX_AGE=600 and these lifeguard options."""
+    return sandbox_worker(
+        pool=pool, concurrency=concurrency, conn_max_age="600", options=json.dumps(options)
+    )
+
+
+def _idle_in_transaction(db: Database, prefix: str) -> list[int]:
+    return [b.pid for b in db.backends(prefix) if b.state.startswith("idle in transaction")]
+
+
+def _open_transaction_then_terminated_backends(
+    tasks: SandboxTasks, db: Database, prefix: str
+) -> None:
+    """A transaction left open is rolled back, never handed to another greenlet; backends
+    terminated while idle in the set are replaced before a task trips on them."""
+    tasks.run("leave_transaction_open", "green-never-committed")
+    assert tasks.run("count_items", "green-never-committed") == 0
+    assert _idle_in_transaction(db, prefix) == []
+    assert db.terminate(prefix) >= 1
+    time.sleep(0.2)
+    assert len(tasks.run_many("touch", 30)) == 30
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_gevent_100_greenlets_reuse_a_budget_of_connections(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix, driver
+):
+    """With only CONN_MAX_AGE set, 1,000 tasks open no more sessions than the budget."""
+    worker = sandbox_worker(pool="gevent", concurrency=100, conn_max_age="600", driver=driver)
+    before = test_db.sessions()
+    results = tasks.run_many("touch", 1000)
+    sessions = {(r["backend"], r["backend_start"]) for r in results}
+    assert len(sessions) <= 10, len(sessions)  # the default budget: min(100, 10)
+    assert _idle_in_transaction(test_db, prefix) == []
+    stats = tasks.run("guard_stats")["django"]["aliases"]["default"]["green"]
+    # 10, or half the free slots if the shared server has fewer than 20 free.
+    assert 1 <= stats["peak_in_use"] <= stats["budget"] <= 10
+    worker.stop()
+    assert test_db.wait_for_no_backends(prefix, timeout=5) == []
+    assert test_db.sessions() - before <= 10
+
+
+def test_gevent_200_greenlets_holding_connections_stay_under_a_budget_of_10(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    """Tasks that keep their connection 50 ms queue for the 10, all succeed, none extra."""
+    _green_worker(sandbox_worker, concurrency=200, green_budget=10)
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=peak_backends, args=(test_db, prefix, stop, peak))
+    sampler.start()
+    try:
+        pending = [tasks.send("hold", 0.05) for _ in range(600)]
+        values = [r.get(timeout=120) for r in pending]
+    finally:
+        stop.set()
+        sampler.join()
+    assert len(values) == 600
+    assert 1 <= peak[0] <= 10, peak[0]
+    stats = tasks.run("guard_stats")["django"]["aliases"]["default"]["green"]
+    assert stats["waits"] > 0 and stats["peak_in_use"] <= 10 and stats["wait_timeouts"] == 0
+
+
+def test_exhausted_budget_fails_with_an_error_naming_it(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    """Never a hang, never an extra backend: the waiter gives up with a clear error."""
+    port = free_port()
+    _green_worker(
+        sandbox_worker,
+        concurrency=10,
+        green_budget=2,
+        green_wait_timeout=0.5,
+        metrics_port=port,
+        metrics_address="127.0.0.1",
+    )
+    holders = [tasks.send("hold", 3) for _ in range(2)]
+    time.sleep(1.0)  # both holders have their connection
+    state, error = tasks.outcome("touch")
+    assert state == "FAILURE"
+    assert type(error).__name__ == "GreenBudgetExhausted"
+    assert "green_budget=2" in str(error) and "green_wait_timeout" in str(error)
+    assert len(test_db.backends(prefix)) <= 2
+    assert [r.get(timeout=30) for r in holders]
+    assert len(tasks.run_many("touch", 20)) == 20
+    # The metrics endpoint shows the wait that failed and the peak.
+    alias = (("alias", "default"),)
+    wait_for(lambda: samples(scrape(port), "lifeguard_django_green_wait_timeouts_total"))
+    assert samples(scrape(port), "lifeguard_django_green_wait_timeouts_total")[alias] == 1
+    assert list(samples(scrape(port), "lifeguard_django_green_peak_in_use").values()) == [2]
+
+
+def test_gevent_faults_with_reuse_on(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    """Interrupted query, open transaction, terminated backends: none reaches a later task."""
+    _green_worker(sandbox_worker, green_budget=3)
+    tasks.run_many("touch", 10)
+    # gevent's time limit raises mid-query (Celery's gevent pool has no soft limit): the
+    # query is cancelled, its connection dropped.
+    state, _ = tasks.outcome("sleep_query", 4, time_limit=1)
+    assert state == "FAILURE"
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
+    # An exception inside atomic(): rolled back by Django; the connection may be shared.
+    state, _ = tasks.outcome("fail_in_atomic", "green-atomic")
+    assert state == "FAILURE"
+    assert tasks.run("count_items", "green-atomic") == 0
+    _open_transaction_then_terminated_backends(tasks, test_db, prefix)
+    assert len(test_db.backends(prefix)) <= 3
+
+
+def test_connection_of_a_spawned_greenlet_is_still_closed(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    sandbox_worker(pool="gevent", concurrency=10, conn_max_age="600")
+    found = tasks.run("query_in_greenlet")
+    tasks.run_many("touch", 3)
+    assert found["backend"] not in {b.pid for b in test_db.backends(prefix)}
+
+
+def test_eventlet_reuses_a_budget_and_survives_an_open_transaction(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    pytest.importorskip("eventlet")
+    worker = _green_worker(sandbox_worker, "eventlet", 50, green_budget=4)
+    before = test_db.sessions()
+    results = tasks.run_many("touch", 300)
+    assert len({(r["backend"], r["backend_start"]) for r in results}) <= 4
+    _open_transaction_then_terminated_backends(tasks, test_db, prefix)
+    worker.stop()
+    assert test_db.wait_for_no_backends(prefix, timeout=5) == []
+    # The open transaction's session and the terminated ones were replaced, within budget.
+    assert test_db.sessions() - before <= 4 + 1 + 4
+
+
+def test_native_pool_under_gevent_gets_the_budget_and_the_bounded_wait(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    """OPTIONS['pool'] without max_size: sized to green_budget; a wait ends in the error."""
+    sandbox_worker(
+        pool="gevent",
+        concurrency=20,
+        conn_max_age="0",
+        native_pool='{"min_size": 1}',
+        options=json.dumps({"green_budget": 3, "green_wait_timeout": 0.5}),
+    )
+    holders = [tasks.send("hold", 3) for _ in range(3)]
+    time.sleep(1.0)
+    state, error = tasks.outcome("touch")
+    assert state == "FAILURE"
+    assert type(error).__name__ == "GreenBudgetExhausted"
+    assert "max_size']=3" in str(error) and "green_wait_timeout" in str(error)
+    assert len(test_db.backends(prefix)) <= 3
+    assert [r.get(timeout=30) for r in holders]
+    results = tasks.run_many("touch", 30)
+    assert len({(r["backend"], r["backend_start"]) for r in results}) <= 3
+
+
+def test_sqlalchemy_queuepool_smaller_than_the_green_concurrency_is_reported(
+    sqla_worker, sqla_tasks: SandboxTasks, test_db: Database, prefix
+):
+    """pool_size 2, no overflow, 8 greenlets: said at start, and the pool bounds sessions."""
+    worker = sqla_worker(pool="gevent", concurrency=8, pool_size=2, async_tasks=False)
+    assert len(sqla_tasks.run_many("touch", 40)) == 40
+    assert "holds at most 2 connections (pool_size + max_overflow) for the 8 greenlets" in (
+        worker.log
+    )
+    assert "pool_timeout=5s" in worker.log
+    assert len(test_db.backends(prefix)) <= 2 * 2  # two engines in the harness app
