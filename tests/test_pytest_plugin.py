@@ -1,9 +1,12 @@
-"""The pytest plugin, run on a user's project with planted bugs (``pytester``).
+"""The pytest plugin, run on users' projects with planted bugs (``pytester``).
 
-The project is a Django + PostgreSQL Celery app with lifeguard, in a scratch database.
-Its suite runs in a subprocess with the plugin enabled by two ini lines, against one
-real prefork worker: exactly the planted tests fail, each naming its task and reason;
-the clean ones pass, and ``allow=`` turns a planted failure into a pass.
+The main project is a Django + PostgreSQL Celery app with lifeguard, in a scratch
+database. Its suite runs in a subprocess with the plugin enabled by two ini lines,
+against one real prefork worker: exactly the planted tests fail, each naming its task
+and reason; the clean ones pass, ``allow=`` turns a planted failure into a pass and
+``warn=True`` into a warning. Beside it: the same under pytest-django (the worker in the
+test database), and a plain Celery app with a SQLAlchemy engine named by a
+``celery_app`` fixture.
 """
 
 from __future__ import annotations
@@ -233,12 +236,10 @@ def write_project(
     )
 
 
-def outcomes(output: str) -> dict[str, str]:
+def outcomes(output: str, module: str = "test_tasks") -> dict[str, str]:
     """test name -> PASSED/FAILED, from ``-rA`` short summary lines."""
-    found: dict[str, str] = {}
-    for state, name in re.findall(r"^(PASSED|FAILED) test_tasks\.py::(\w+)", output, re.M):
-        found[name] = state
-    return found
+    pattern = rf"^(PASSED|FAILED) {module}\.py::(\w+)"
+    return {name: state for state, name in re.findall(pattern, output, re.M)}
 
 
 @pytest.mark.slow
@@ -387,6 +388,91 @@ def test_pytest_django_worker_uses_the_test_database(
     finally:
         with pg.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "test_{name}" WITH (FORCE)')
+
+
+SQLA_APP = """
+import os
+
+from celery import Celery
+from sqlalchemy import create_engine, text
+
+import lifeguard
+
+app = Celery("plain", broker=os.environ["PLAIN_BROKER"], backend=os.environ["PLAIN_BROKER"])
+app.conf.task_default_queue = os.environ["PLAIN_QUEUE"]
+guard = lifeguard.install(app)
+engine = guard.add_engine(lambda: create_engine(os.environ["PLAIN_DB"], pool_size=2))
+
+_KEPT = []
+
+
+@app.task
+def total():
+    with guard.session(engine()) as session:
+        return session.execute(text("SELECT 40 + 2")).scalar()
+
+
+@app.task
+def forgets_its_connection():
+    connection = engine().connect()  # never closed: still checked out at the task's end
+    _KEPT.append(connection)
+    return connection.execute(text("SELECT 1")).scalar()
+"""
+
+SQLA_SUITE = """
+import plain
+
+
+def test_total():
+    assert plain.total.delay().get(timeout=30) == 42
+
+
+def test_forgets_its_connection():
+    assert plain.forgets_its_connection.delay().get(timeout=30) == 1
+"""
+
+
+@pytest.mark.slow
+def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
+    pytester: pytest.Pytester, project_db: Database, redis_url: str
+) -> None:
+    """A plain Celery app with a SQLAlchemy engine, named by a ``celery_app`` fixture
+    (no ini app): the connection a task leaves checked out fails its test, naming the
+    task and engine; the clean task passes."""
+    pytester.makepyfile(
+        **{
+            "plain.py": SQLA_APP,
+            "conftest.py": "import pytest\n\n\n@pytest.fixture(scope='session')\n"
+            "def celery_app():\n    import plain\n\n    return plain.app\n",
+            "test_plain.py": SQLA_SUITE,
+        }
+    )
+    pytester.makeini(
+        """
+        [pytest]
+        lifeguard = true
+        pythonpath = .
+        addopts = -p lifeguard.pytest -p no:cacheprovider -p no:django
+        """
+    )
+    env = {
+        "PLAIN_BROKER": f"{redis_url}/0",
+        "PLAIN_QUEUE": f"lifeguard-plain-{uuid.uuid4().hex[:8]}",
+        "PLAIN_DB": project_db.server.url(project_db.name, scheme="postgresql+psycopg"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        result = pytester.runpytest_subprocess("-rA", timeout=240)
+    output = result.stdout.str() + result.stderr.str()
+    assert outcomes(output, "test_plain") == {
+        "test_total": "PASSED",
+        "test_forgets_its_connection": "FAILED",
+    }, output
+    failure = output.split("_ test_forgets_its_connection _", 1)[1]
+    assert "task plain.forgets_its_connection" in failure
+    assert "leaked a database connection or session" in failure
+    assert "still checked out" in failure  # lifeguard's own words, from the worker
 
 
 def test_unknown_check_name_is_a_usage_error(pytester: pytest.Pytester) -> None:
