@@ -127,6 +127,13 @@ def test_thread_leaks_connection():
     assert tasks.thread_leaks_connection.delay().get(timeout=30) == 1
 
 
+def test_chain_link_leaves_transaction_open():
+    from celery import chain
+
+    result = chain(tasks.clean.si(1), tasks.leaves_transaction_open.si()).delay()
+    assert result.get(timeout=30) == 1
+
+
 def test_thread_holds_transaction():
     assert tasks.thread_holds_transaction.delay().get(timeout=30) == 1
 
@@ -159,6 +166,10 @@ PLANTED = {  # test -> (the task its message names, the reason in words)
     "test_leaves_transaction_open": ("leaves_transaction_open", "left a transaction open"),
     "test_thread_leaks_connection": ("thread_leaks_connection", "leaked a database connection"),
     "test_thread_holds_transaction": ("thread_holds_transaction", "idle in transaction"),
+    "test_chain_link_leaves_transaction_open": (
+        "leaves_transaction_open",
+        "left a transaction open",
+    ),
     "test_slow_report_gives_up": ("slow_report", "had a statement interrupted mid-flight"),
     "test_keeps_a_mebibyte": ("keeps_a_mebibyte", "slope over max_slope=50KiB/task"),
 }

@@ -308,8 +308,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     ids = [task_id for task_id, _ in sent]
     findings: list[Finding] = []
     if ids:
-        wait = float(item.config.getini("lifeguard_wait"))
-        worker.wait_done(ids, wait)
+        ids = worker.settle(ids, float(item.config.getini("lifeguard_wait")))
         findings = worker.findings(ids)
     if ids and state.activity is not None:
         try:

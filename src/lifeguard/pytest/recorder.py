@@ -5,9 +5,10 @@ The plugin's worker loads :mod:`lifeguard.pytest.worker_app`, which adds a
 appends JSON lines to ``<events dir>/<pid>.jsonl``: one per counter lifeguard increments
 for a task (a transaction rolled back, a query cancelled, a leak, a discard and its
 reason), one per warning lifeguard logs while a task is current (the words and the
-place), one when a task fails on a database error, and a ``done`` line when the task's
-last phase has run, carrying the process's RSS. The test process reads the files: no
-broker round trip, nothing shared between processes but the directory.
+place), one when a task fails on a database error, one per task a task sends, and a
+``done`` line when the task's last phase has run, carrying the process's RSS. The test
+process reads the files: no broker round trip, nothing shared between processes but the
+directory.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ class Recorder(Hook):
         guard.counters.add_listener(self._counted)
         handler = _WarningHandler(self)
         logging.getLogger("lifeguard").addHandler(handler)
+        from celery.signals import before_task_publish
+
+        before_task_publish.connect(self._sent, weak=False)
+
+    def _sent(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        """A task a task sends (a chain's next link, a ``.delay()`` in the body) is
+        the sender's test's task too."""
+        run = self.current()
+        child = (headers or {}).get("id")
+        if run is not None and child:
+            self.write({"kind": "sent", "task_id": run.id, "child": str(child)})
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, default=str) + "\n"

@@ -196,6 +196,25 @@ class SessionWorker:
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
+    def settle(self, ids: list[str], timeout: float) -> list[str]:
+        """Wait for ``ids`` and every task they sent, transitively (a chain's links);
+        returns all those ids."""
+        deadline = time.monotonic() + timeout
+        every, pending = list(ids), list(ids)
+        seen = set(ids)
+        while pending:
+            self.wait_done(pending, max(0.0, deadline - time.monotonic()))
+            sent = [
+                event.record["child"]
+                for task_id in pending
+                for event in self.by_task.get(task_id, ())
+                if event.record.get("kind") == "sent"
+            ]
+            pending = [child for child in sent if child not in seen]
+            seen.update(pending)
+            every += pending
+        return every
+
     def findings(self, ids: list[str]) -> list[Finding]:
         """What lifeguard saw in the runs of ``ids``: one finding per task run and check.
 
