@@ -1,7 +1,7 @@
 """The house rules, read from the source: imports run one way and form no circle.
 
 Layers, from the top: the commands (``cli``, ``monitor``, ``doctor``, ``validate``,
-``report``, ``contrib``, ``demo``) -> ``guard`` (install: composes the concerns) ->
+``report``, ``contrib``, ``demo``, ``pytest``) -> ``guard`` (install: composes the concerns) ->
 ``concerns`` -> the core (``hooks``, ``lifecycle``, ``options``, ``stats``, ``recycle``,
 ``registry``, ``procfs``) -> the PostgreSQL driver layer (``postgres``) -> ``errors`` and
 ``version``, which every layer may import. Every import counts: at module level, inside
@@ -26,7 +26,7 @@ LAYERS = {  # a module may import its own layer and any lower one
     "commands": 5,
 }
 CORE = {"hooks", "lifecycle", "options", "stats", "recycle", "registry", "procfs"}
-COMMANDS = {"cli", "monitor", "doctor", "validate", "report", "contrib", "demo"}
+COMMANDS = {"cli", "monitor", "doctor", "validate", "report", "contrib", "demo", "pytest"}
 
 
 def module_name(path: Path) -> str:

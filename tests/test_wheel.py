@@ -31,6 +31,11 @@ NEEDS_EXTRA = {
     "lifeguard.contrib.django.apps": ("django", "django"),
     "lifeguard.contrib.django.checks": ("django", "django"),
     "lifeguard.demo.project.tasks": ("demo", "django"),
+    # The pytest plugin's package imports pytest (its worker runs where pytest is).
+    "lifeguard.pytest": ("pytest", "pytest"),
+    "lifeguard.pytest.recorder": ("pytest", "pytest"),
+    "lifeguard.pytest.worker": ("pytest", "pytest"),
+    "lifeguard.pytest.worker_app": ("pytest", "pytest"),
 }
 
 IMPORT_ALL = """
@@ -152,6 +157,19 @@ def test_bare_install_runs_the_cli_and_imports_every_module(
     assert set(failed) == set(NEEDS_EXTRA), failed
     for module, (_extra, package) in NEEDS_EXTRA.items():
         assert failed[module] == f"ModuleNotFoundError: No module named '{package}'"
+
+
+def test_pytest_extra_registers_the_plugin(install: Callable[[str], Path], tmp_path: Path) -> None:
+    """With the extra, pytest finds the plugin by its entry point: no -p needed."""
+    env = install("pytest")
+    helped = run(env / "bin" / "python", "-m", "pytest", "--help", cwd=tmp_path, env=clean_env())
+    assert helped.returncode == 0, helped.stderr
+    assert "--lifeguard" in helped.stdout and "lifeguard_celery_app" in helped.stdout
+    listed = run(
+        env / "bin" / "python", "-m", "pytest", "--co", "-p", "lifeguard.pytest",
+        cwd=tmp_path, env=clean_env(),
+    )  # fmt: skip
+    assert "already registered" not in listed.stdout + listed.stderr  # -p and entry point
 
 
 SAMPLE_APPS = {
