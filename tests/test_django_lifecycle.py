@@ -139,3 +139,19 @@ def test_children_forked_from_a_main_process_holding_connections(
     still = {b.pid for b in test_db.backends(prefix) if b.application_name == main_name}
     assert still == main_backends, "a child closed the parent's session"
     assert len({r["worker_pid"] for r in results}) >= 4
+
+
+@pytest.mark.compat
+def test_threads_worker_stops_promptly_and_leaves_no_session(
+    sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
+):
+    """A warm shutdown of a threads worker is as quick as stock Celery's: nothing of
+    lifeguard's may block a pool thread's exit (it once imported a green library there,
+    and the worker hung until it was killed, abandoning its sessions)."""
+    worker = sandbox_worker(pool="threads", concurrency=2)
+    for _ in range(4):
+        tasks.run("one_query")
+    started = time.monotonic()
+    assert worker.stop(timeout=20) == 0
+    assert time.monotonic() - started < 10
+    assert test_db.wait_for_no_backends(prefix) == []

@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import select
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -275,23 +276,22 @@ def adapter_for(conn: Any) -> DriverAdapter | None:
 def _poll_factory() -> Callable[[], Any]:
     """``select.poll`` even under gevent/eventlet, which remove or wrap it.
 
-    A zero-timeout poll never blocks, so the cooperative version isn't needed.
+    A zero-timeout poll never blocks, so the cooperative version isn't needed. Only a
+    green library already imported can have patched ``select``: importing one here would
+    cost time and, from a pool thread at shutdown, can deadlock a threads worker.
     """
-    try:
+    if "gevent" in sys.modules:
         from gevent import monkey
 
         if monkey.is_module_patched("select"):
             poll: Callable[[], Any] = monkey.get_original("select", "poll")
             return poll
-    except ImportError:
-        pass
-    try:
+    if "eventlet" in sys.modules:
         from eventlet import patcher
 
-        original = patcher.original("select")
-        return original.poll  # type: ignore[no-any-return]
-    except ImportError:
-        pass
+        if patcher.is_monkey_patched("select"):
+            original = patcher.original("select")
+            return original.poll  # type: ignore[no-any-return]
     return select.poll
 
 
