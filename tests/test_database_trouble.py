@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -169,6 +170,8 @@ def recovery_seconds(db: Database, tag: str, stopped: float, answered: float) ->
         [tag + "-%"],
     )
     stamps = sorted(row[0] for row in rows)
+    after = [t for t in stamps if t >= answered]
+    print(f"first row {after[0] - answered if after else float('inf'):.2f}s after answering")
     before = sum(1 for t in stamps if stopped - 1.0 <= t < stopped)
     assert before >= 20, (before, stamps[:5])  # the stream ran at full rate before
     for step in range(100):
@@ -337,30 +340,95 @@ def read_only_for(server: PostgresServer, seconds: float) -> None:
             conn.execute("SELECT pg_reload_conf()")
 
 
-def test_read_only_switch_fails_no_task(
-    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database
-):
-    """The server goes read-only for 3 s under a stream of one-INSERT tasks: stock Celery
-    fails the writes it refuses; lifeguard hands them back (the refused INSERT was the
-    run's first statement: nothing committed), pauses, probes until the server takes
-    writes, and every task succeeds once."""
-    server = own_pg.server
+class HotStandby:
+    """A hot standby of an embedded server (``pg_basebackup -R``, streaming), and a real
+    failover to it: the primary stops, the standby restarts on the primary's address
+    (a hot standby there: sessions are read-only), and is promoted a while later."""
+
+    def __init__(self, primary: EmbeddedPostgres) -> None:
+        self.primary = primary
+        self.data = primary.root / "standby"
+        self.running = False
+
+    def _pg_ctl(self, *args: str) -> None:
+        self.primary._cmd(str(self.primary.bin / "pg_ctl"), "-D", str(self.data), "-w", *args)
+
+    def start(self) -> None:
+        hba = self.primary.data / "pg_hba.conf"
+        if "local replication all trust" not in hba.read_text():
+            with hba.open("a") as f:
+                f.write("local replication all trust\n")
+            assert self.primary.server is not None
+            with self.primary.server.admin() as conn:
+                conn.execute("SELECT pg_reload_conf()")
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.primary._cmd(
+            str(self.primary.bin / "pg_basebackup"),
+            *("-D", str(self.data), "-h", str(self.primary.root), "-p", str(self.primary.port)),
+            *("-U", "postgres", "-R", "-c", "fast", "-X", "stream", "--no-sync"),
+        )
+        log = str(self.primary.root / "standby.log")
+        self._pg_ctl("-l", log, "-o", f"-p {free_port()}", "start")
+        self.running = True
+
+    def take_over(self, read_only_for: float) -> None:
+        self.primary.stop()  # fast: every session cut, all WAL sent to the standby first
+        self._pg_ctl("-m", "fast", "stop")
+        auto = self.data / "postgresql.auto.conf"  # no primary to follow any more
+        lines = auto.read_text().splitlines(keepends=True)
+        auto.write_text("".join(line for line in lines if not line.startswith("primary_")))
+        # The copied postgresql.conf has the primary's port: the standby answers there.
+        self._pg_ctl("-l", str(self.primary.root / "standby.log"), "start")
+        time.sleep(read_only_for)
+        self._pg_ctl("promote")
+
+    def fail_back(self) -> None:
+        if self.running:
+            self._pg_ctl("-m", "fast", "stop")
+            self.running = False
+        ensure_running(self.primary)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def read_only_switch(kind: str, embedded: EmbeddedPostgres) -> Iterator[Callable[[], None]]:
+    """The fault of a read-only switch of 3 s: ``setting`` (default_transaction_read_only
+    on the same server) or ``standby`` (a real failover to a hot standby, promoted)."""
+    server = embedded.server
     assert server is not None
+    if kind == "setting":
+        yield lambda: read_only_for(server, 3)
+        return
+    standby = HotStandby(embedded)
+    standby.start()
+    try:
+        yield lambda: standby.take_over(read_only_for=3)
+    finally:
+        standby.fail_back()
 
-    def fault() -> None:
-        read_only_for(server, 3)
 
-    stock = sandbox_worker(pool="prefork", concurrency=2, db_url=own_db.url, mode="stock")
-    stock_results = stream(tasks, tag="stock", count=200, rate=50, fault_at=1.0, fault=fault)
-    stock_outcome = outcome(stock_results, own_db, "stock")
-    stock.stop()
+@pytest.mark.parametrize("kind", ["setting", "standby"])
+def test_read_only_switch_fails_no_task(
+    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database, kind
+):
+    """The server goes read-only for 3 s under a stream of one-INSERT tasks, then takes
+    writes again: stock Celery fails the writes refused; lifeguard hands them back (the
+    refused INSERT was the run's first statement: nothing committed), pauses, probes
+    until the server takes writes, and every task succeeds once."""
+
+    def run(mode: str, tag: str) -> tuple[Any, dict[str, int]]:
+        worker = sandbox_worker(pool="prefork", concurrency=2, db_url=own_db.url, mode=mode)
+        with read_only_switch(kind, own_pg) as fault:
+            results = stream(tasks, tag=tag, count=200, rate=50, fault_at=1.0, fault=fault)
+            got = outcome(results, own_db, tag)  # read where the rows are: the new primary
+            worker.stop()
+        return worker, got
+
+    stock, stock_outcome = run("stock", "stock")
     assert stock_outcome["failed"] > 0, stock_outcome
     assert "read-only transaction" in stock.log
-
-    worker = sandbox_worker(pool="prefork", concurrency=2, db_url=own_db.url)
-    results = stream(tasks, tag="lg", count=200, rate=50, fault_at=1.0, fault=fault)
-    got = outcome(results, own_db, "lg")
-    print(f"read-only switch: stock {stock_outcome}, lifeguard {got}")
+    worker, got = run("lifeguard", "lg")
+    print(f"read-only switch ({kind}): stock {stock_outcome}, lifeguard {got}")
     assert got == {"failed": 0, "lost": 0, "duplicated": 0, "succeeded": 200}, (got, stock_outcome)
     log = worker.log
     assert "lifeguard: handed task" in log
