@@ -607,6 +607,10 @@ class DatabaseTrouble(Hook):
 
     def _probe(self) -> bool:
         self._probe_count += 1
+        if not self._probe_writable and self.state is not None and self._paused_at is not None:
+            # Refused connections first (the primary gone), read-only writes next (its
+            # standby answering): from then on, the server must take writes.
+            self._probe_writable = self.state.get("last_read_only") >= self._paused_at
         for probe in self._probe_targets():
             try:
                 probe.connect(self._probe_writable)
