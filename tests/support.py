@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lifeguard.demo.postgres import PostgresServer
+from lifeguard.demo.postgres import EmbeddedPostgres, PostgresServer
 from lifeguard.demo.project import TASKS
 
 
@@ -99,6 +99,20 @@ def scratch_database(server: PostgresServer, tag: str) -> Iterator[Database]:
         yield Database(server, name)
     finally:
         server.drop_database(name)
+
+
+@contextlib.contextmanager
+def few_slots_server(max_connections: int, superuser_reserved: int) -> Iterator[PostgresServer]:
+    """A private server with few connection slots (``max_connections`` minus
+    ``superuser_reserved`` for ordinary roles), destroyed afterwards."""
+    embedded = EmbeddedPostgres(
+        max_connections=max_connections,
+        settings={"superuser_reserved_connections": str(superuser_reserved)},
+    )
+    try:
+        yield embedded.start()
+    finally:
+        embedded.destroy()
 
 
 class SandboxTasks:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -20,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from lifeguard.demo.postgres import EmbeddedPostgres, free_port
+from lifeguard.demo.postgres import EmbeddedPostgres, PostgresServer, free_port
 from tests.monitor_support import samples, scrape
-from tests.support import Database, SandboxTasks
+from tests.support import Database, SandboxTasks, few_slots_server, scratch_database
 
 TABLE = "lifeguard_sandbox_items"
 
@@ -51,7 +52,10 @@ def own_db(own_pg: EmbeddedPostgres) -> Iterator[Database]:
     name = f"lg_trouble_{uuid.uuid4().hex[:8]}"
     server.create_database(name)
     db = Database(server, name)
-    db.execute(f"CREATE TABLE {TABLE} (id serial PRIMARY KEY, value text NOT NULL)")
+    db.execute(
+        f"CREATE TABLE {TABLE} (id serial PRIMARY KEY, value text NOT NULL, "
+        "inserted_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
     try:
         yield db
     finally:
@@ -70,7 +74,6 @@ def stream(
 ) -> list[Any]:
     """Send ``count`` insert_row tasks at ``rate`` per second; run ``fault`` (in another
     thread) ``fault_at`` seconds in. Returns the AsyncResults once the fault is over."""
-    results: list[Any] = []
     done = threading.Event()
 
     def at_fault() -> None:
@@ -82,15 +85,36 @@ def stream(
 
     thread = threading.Thread(target=at_fault)
     thread.start()
+    results = send_steadily(tasks, count, rate, "insert_row", tag=tag)
+    thread.join()
+    assert done.is_set()
+    return results
+
+
+def send_steadily(
+    tasks: SandboxTasks, count: int, rate: float, name: str, *args: Any, tag: str = ""
+) -> list[Any]:
+    """Send ``count`` tasks at ``rate`` per second; their AsyncResults. With ``tag``,
+    task i gets the one argument ``f"{tag}-{i}"`` (the unique value insert_row writes)."""
+    results = []
     start = time.monotonic()
     for i in range(count):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        results.append(tasks.send("insert_row", f"{tag}-{i}"))
-    thread.join()
-    assert done.is_set()
+        results.append(tasks.send(name, *((f"{tag}-{i}",) if tag else args)))
     return results
+
+
+def final_states(results: list[Any], timeout: float = 120) -> dict[str, int]:
+    """How many tasks ended in each state."""
+    deadline = time.monotonic() + timeout
+    counts: dict[str, int] = {}
+    for result in results:
+        with contextlib.suppress(Exception):
+            result.get(timeout=max(0.1, deadline - time.monotonic()), propagate=False)
+        counts[result.state] = counts.get(result.state, 0) + 1
+    return counts
 
 
 def outcome(results: list[Any], db: Database, tag: str, timeout: float = 90) -> dict[str, int]:
@@ -114,7 +138,7 @@ def outcome(results: list[Any], db: Database, tag: str, timeout: float = 90) -> 
     }
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
 def test_restart_under_a_stream_fails_no_task(
     sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database, pool
 ):
@@ -137,26 +161,53 @@ def test_restart_under_a_stream_fails_no_task(
     assert "lifeguard: handed task" in worker.log
 
 
+def recovery_seconds(db: Database, tag: str, stopped: float, answered: float) -> float:
+    """How long after ``answered`` (wall clock) the rows of a stream came in again at
+    0.9x the rate of the second before ``stopped``: the start of the first 1-second
+    window, in steps of 0.1 s, holding that many rows (``inf`` if none does)."""
+    rows = db.execute(
+        f"SELECT extract(epoch FROM inserted_at)::float FROM {TABLE} WHERE value LIKE %s",
+        [tag + "-%"],
+    )
+    stamps = sorted(row[0] for row in rows)
+    after = [t for t in stamps if t >= answered]
+    print(f"first row {after[0] - answered if after else float('inf'):.2f}s after answering")
+    before = sum(1 for t in stamps if stopped - 1.0 <= t < stopped)
+    assert before >= 20, (before, stamps[:5])  # the stream ran at full rate before
+    for step in range(100):
+        start = answered + step / 10
+        if sum(1 for t in stamps if start <= t < start + 1.0) >= 0.9 * before:
+            return step / 10
+    return float("inf")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
 def test_outage_pauses_consuming_and_resumes(
-    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database
+    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database, pool
 ):
     """The server stops for 5 s under a stream: the worker pauses, probes about once a
-    second, resumes when the server answers; no task fails or is lost."""
+    second, resumes when the server answers; no task fails or is lost, and within 2 s
+    of the server answering tasks complete at least as fast as before the outage."""
     port = free_port()
     options = json.dumps({"metrics_port": port, "metrics_address": "127.0.0.1"})
-    worker = sandbox_worker(pool="prefork", concurrency=2, db_url=own_db.url, options=options)
-    outage = {"start": 0.0, "end": 0.0}
+    worker = sandbox_worker(pool=pool, concurrency=2, db_url=own_db.url, options=options)
+    outage = {"start": 0.0, "end": 0.0, "stopped": 0.0, "answered": 0.0}
 
     def fault() -> None:
+        outage["stopped"] = time.time()  # wall clock: compared with the rows' inserted_at
         own_pg.stop()
         outage["start"] = time.monotonic()
         time.sleep(5)
-        own_pg.start()
+        own_pg.start()  # pg_ctl start -w: returns once the server accepts connections
         outage["end"] = time.monotonic()
+        outage["answered"] = time.time()
 
     results = stream(tasks, tag="out", count=240, rate=30, fault_at=1.5, fault=fault)
     got = outcome(results, own_db, "out")
     assert got == {"failed": 0, "lost": 0, "duplicated": 0, "succeeded": 240}, got
+    recovery = recovery_seconds(own_db, "out", outage["stopped"], outage["answered"])
+    print(f"{pool}: throughput back to 0.9x after {recovery:.1f}s")
+    assert recovery <= 2.0, recovery
 
     log = worker.log
     assert "lifeguard: paused consuming tasks" in log
@@ -189,15 +240,9 @@ def test_exhausted_slots_fail_no_task(
     test_db.admin(f'ALTER ROLE "{role}" CONNECTION LIMIT 2')
     url = test_db.server.url(test_db.name, user=role, password="slots-pw")
     worker = sandbox_worker(pool="prefork", concurrency=4, db_url=url, quiet=True)
-    results = []
-    for _ in range(300):  # one query, then 50 ms more: all four processes are needed
-        results.append(tasks.send("hold", 0.05))
-        time.sleep(1 / 80)
-    states = []
-    for result in results:
-        result.get(timeout=120, propagate=False)
-        states.append(result.state)
-    assert states.count("SUCCESS") == 300, {s: states.count(s) for s in set(states)}
+    # One query, then 50 ms more: all four processes are needed.
+    states = final_states(send_steadily(tasks, 300, 80, "hold", 0.05))
+    assert states == {"SUCCESS": 300}, states
     log = worker.log
     assert "lifeguard: slots exhausted" in log
     line = next(line for line in log.splitlines() if "lifeguard: slots exhausted" in line)
@@ -274,3 +319,161 @@ def test_hand_backs_are_bounded(
     assert "OperationalError" in type(result.result).__name__, result.result
     assert worker.log.count("lifeguard: handed task") == 2
     assert "failed after 2 hand-backs (hand_back_limit)" in worker.log
+
+
+def read_only_for(server: PostgresServer, seconds: float) -> None:
+    """A failover, as the clients see it: every session is cut, and the server that
+    answers next takes no writes (25006) for ``seconds``; then it is writable again."""
+    with server.admin() as conn:
+        conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+    try:
+        time.sleep(seconds)
+    finally:
+        with server.admin() as conn:
+            conn.execute("SET default_transaction_read_only = off")
+            conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+class HotStandby:
+    """A hot standby of an embedded server (``pg_basebackup -R``, streaming), and a real
+    failover to it: the primary stops, the standby restarts on the primary's address
+    (a hot standby there: sessions are read-only), and is promoted a while later."""
+
+    def __init__(self, primary: EmbeddedPostgres) -> None:
+        self.primary = primary
+        self.data = primary.root / "standby"
+        self.running = False
+
+    def _pg_ctl(self, *args: str) -> None:
+        self.primary._cmd(str(self.primary.bin / "pg_ctl"), "-D", str(self.data), "-w", *args)
+
+    def start(self) -> None:
+        hba = self.primary.data / "pg_hba.conf"
+        if "local replication all trust" not in hba.read_text():
+            with hba.open("a") as f:
+                f.write("local replication all trust\n")
+            assert self.primary.server is not None
+            with self.primary.server.admin() as conn:
+                conn.execute("SELECT pg_reload_conf()")
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.primary._cmd(
+            str(self.primary.bin / "pg_basebackup"),
+            *("-D", str(self.data), "-h", str(self.primary.root), "-p", str(self.primary.port)),
+            *("-U", "postgres", "-R", "-c", "fast", "-X", "stream", "--no-sync"),
+        )
+        log = str(self.primary.root / "standby.log")
+        self._pg_ctl("-l", log, "-o", f"-p {free_port()}", "start")
+        self.running = True
+
+    def take_over(self, read_only_for: float) -> None:
+        self.primary.stop()  # fast: every session cut, all WAL sent to the standby first
+        self._pg_ctl("-m", "fast", "stop")
+        auto = self.data / "postgresql.auto.conf"  # no primary to follow any more
+        lines = auto.read_text().splitlines(keepends=True)
+        auto.write_text("".join(line for line in lines if not line.startswith("primary_")))
+        # The copied postgresql.conf has the primary's port: the standby answers there.
+        self._pg_ctl("-l", str(self.primary.root / "standby.log"), "start")
+        time.sleep(read_only_for)
+        self._pg_ctl("promote")
+
+    def fail_back(self) -> None:
+        if self.running:
+            self._pg_ctl("-m", "fast", "stop")
+            self.running = False
+        ensure_running(self.primary)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def read_only_switch(kind: str, embedded: EmbeddedPostgres) -> Iterator[Callable[[], None]]:
+    """The fault of a read-only switch of 3 s: ``setting`` (default_transaction_read_only
+    on the same server) or ``standby`` (a real failover to a hot standby, promoted)."""
+    server = embedded.server
+    assert server is not None
+    if kind == "setting":
+        yield lambda: read_only_for(server, 3)
+        return
+    standby = HotStandby(embedded)
+    standby.start()
+    try:
+        yield lambda: standby.take_over(read_only_for=3)
+    finally:
+        standby.fail_back()
+
+
+@pytest.mark.parametrize("kind", ["setting", "standby"])
+def test_read_only_switch_fails_no_task(
+    sandbox_worker, tasks: SandboxTasks, own_pg: EmbeddedPostgres, own_db: Database, kind
+):
+    """The server goes read-only for 3 s under a stream of one-INSERT tasks, then takes
+    writes again: stock Celery fails the writes refused; lifeguard hands them back (the
+    refused INSERT was the run's first statement: nothing committed), pauses, probes
+    until the server takes writes, and every task succeeds once."""
+
+    def run(mode: str, tag: str) -> tuple[Any, dict[str, int]]:
+        worker = sandbox_worker(pool="prefork", concurrency=2, db_url=own_db.url, mode=mode)
+        with read_only_switch(kind, own_pg) as fault:
+            results = stream(tasks, tag=tag, count=200, rate=50, fault_at=1.0, fault=fault)
+            got = outcome(results, own_db, tag)  # read where the rows are: the new primary
+            worker.stop()
+        return worker, got
+
+    stock, stock_outcome = run("stock", "stock")
+    assert stock_outcome["failed"] > 0, stock_outcome
+    assert "read-only transaction" in stock.log
+    worker, got = run("lifeguard", "lg")
+    print(f"read-only switch ({kind}): stock {stock_outcome}, lifeguard {got}")
+    assert got == {"failed": 0, "lost": 0, "duplicated": 0, "succeeded": 200}, (got, stock_outcome)
+    log = worker.log
+    assert "lifeguard: handed task" in log
+    assert "in a read-only transaction" in log  # the hand-backs name the refusal
+    assert "paused consuming tasks" in log and "resumed consuming tasks" in log
+    paused_read_only = "read-only (writes refused" in log  # the pause's reason
+    probed_read_only = "the server is read-only (transaction_read_only = on)" in log
+    if kind == "setting":  # read-only from the first failure on
+        assert paused_read_only and probed_read_only, log[-3000:]
+    else:  # refused connects first (the primary gone): the pause may start as an outage
+        assert paused_read_only or probed_read_only, log[-3000:]
+
+
+FEW_SLOTS = 10
+SUPERUSER_RESERVED = 3
+
+
+@pytest.fixture(scope="module")
+def few_slots_pg() -> Iterator[PostgresServer]:
+    """max_connections 10, 3 of them reserved for superusers: 7 for the app's role."""
+    with few_slots_server(FEW_SLOTS, SUPERUSER_RESERVED) as server:
+        yield server
+
+
+def test_twelve_processes_on_seven_slots_fail_no_task(
+    sandbox_worker, tasks: SandboxTasks, few_slots_pg: PostgresServer, prefix
+):
+    """prefork -c 12 against the 7 slots an ordinary role may use: stock Celery fails
+    tasks refused a slot; lifeguard lets slots circulate, hands refused tasks back, and
+    says what is wrong with the server's numbers."""
+    few_slots_pg.ensure_role("app", "app-pw")
+    with scratch_database(few_slots_pg, "slots") as db:
+        url = few_slots_pg.url(db.name, user="app", password="app-pw")
+        # One query, then 0.2 s more: at 60/s about twelve tasks run at any moment.
+        stock = sandbox_worker(pool="prefork", concurrency=12, db_url=url, mode="stock", quiet=True)
+        stock_states = final_states(send_steadily(tasks, 250, 60, "hold", 0.2))
+        stock.stop()
+        assert stock_states.get("FAILURE", 0) > 0, stock_states
+
+        worker = sandbox_worker(pool="prefork", concurrency=12, db_url=url, quiet=True)
+        states = final_states(send_steadily(tasks, 250, 60, "hold", 0.2))
+        worker.stop()
+    print(f"-c 12 on 7 slots: stock {stock_states}, lifeguard {states}")
+    assert states == {"SUCCESS": 250}, (states, stock_states)
+    line = next(line for line in worker.log.splitlines() if "lifeguard: slots exhausted" in line)
+    assert "remaining connection slots are reserved" in line, line
+    assert "prefork -c 12" in line and "max_connections=10" in line, line
+    assert "7 usable by other roles" in line, line

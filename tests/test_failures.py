@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from lifeguard.demo.postgres import EmbeddedPostgres, PostgresServer, free_port
-from lifeguard.postgres.failures import Failure, classify
+from lifeguard.postgres.failures import Failure, classify, read_only
 
 MAX_CONNECTIONS = 10  # room for one session per client in the restart test
 RESERVED = 2  # superuser_reserved_connections: PostgreSQL 15 has no reserved_connections
@@ -395,6 +395,7 @@ def test_hot_standby_refuses_writes(
     conn = client.connect(_target(server, user="readonly"))
     exc = failure_of_sql(client, conn, "UPDATE items SET note = 'y'")
     assert_class(exc, Failure.UNAVAILABLE, "read-only transaction")
+    assert read_only(exc)  # the probe of a pause it starts must find the server writable
 
 
 def test_standby_in_recovery_refuses_writes(embedded: EmbeddedPostgres, server: PostgresServer):
@@ -407,6 +408,7 @@ def test_standby_in_recovery_refuses_writes(embedded: EmbeddedPostgres, server: 
             conn = client.connect(_target(server))
             exc = failure_of_sql(client, conn, "INSERT INTO items VALUES (2, 'z')")
             assert_class(exc, Failure.UNAVAILABLE, "read-only transaction")
+            assert read_only(exc)
     finally:
         embedded.stop()
         signal.unlink()
@@ -539,6 +541,11 @@ def test_sql_errors_are_other_whatever_the_sql_says(server: PostgresServer, clie
     conn = client.connect(_target(server))
     exc = failure_of_sql(client, conn, "SELEC 'permission denied'")
     assert_class(exc, Failure.OTHER, "syntax error")
+    conn = client.connect(_target(server))
+    exc = failure_of_sql(
+        client, conn, "SELECT 'cannot execute INSERT in a read-only transaction'::int"
+    )
+    assert not read_only(exc)  # a SQLSTATE (22P02) decides, not the words
 
 
 def test_a_tasks_own_network_errors_are_not_database_failures():

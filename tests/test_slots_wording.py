@@ -17,9 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from lifeguard.demo.postgres import EmbeddedPostgres, PostgresServer
+from lifeguard.demo.postgres import PostgresServer
 from tests.doctor_support import CRITICAL, UNKNOWN, doctor
 from tests.monitor_support import lifeguard
+from tests.support import few_slots_server
 
 MAX_CONNECTIONS = 6
 RESERVED = 2
@@ -27,18 +28,13 @@ RESERVED = 2
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[PostgresServer]:
-    embedded = EmbeddedPostgres(
-        max_connections=MAX_CONNECTIONS,
-        settings={"superuser_reserved_connections": str(RESERVED)},
-    )
-    server = embedded.start()
-    with server.admin() as conn:
-        conn.execute("CREATE ROLE plain LOGIN")
-        conn.execute("CREATE ROLE one LOGIN CONNECTION LIMIT 1")
-        conn.execute("CREATE ROLE two LOGIN CONNECTION LIMIT 2")
-        conn.execute("GRANT pg_read_all_stats TO plain, one, two")
-    yield server
-    embedded.destroy()
+    with few_slots_server(MAX_CONNECTIONS, RESERVED) as server:
+        with server.admin() as conn:
+            conn.execute("CREATE ROLE plain LOGIN")
+            conn.execute("CREATE ROLE one LOGIN CONNECTION LIMIT 1")
+            conn.execute("CREATE ROLE two LOGIN CONNECTION LIMIT 2")
+            conn.execute("GRANT pg_read_all_stats TO plain, one, two")
+        yield server
 
 
 def _hold(server: PostgresServer, user: str, n: int) -> list[Any]:

@@ -52,14 +52,18 @@ GAVE_UP = counters.HAND_BACKS_EXHAUSTED
 
 BACKOFF_BASE = 1.0  # seconds: the first hand-back waits 0.5 to 1 s
 BACKOFF_MAX = 30.0  # no single wait longer than this (before jitter)
-PROBE_INTERVAL = 1.0  # the first probe of a pause; at most one a second per worker
-PROBE_INTERVAL_MAX = 2.0
+# One probe a second per worker, the bound the pause promises. No growth beyond it: the
+# wait between the server answering and the resume is at most one interval (plus one
+# look), and throughput must be back within 2 s of the server answering.
+PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 3  # seconds: connect_timeout of a probe
 WATCH_EVERY = 0.2  # seconds between two looks of the MainProcess at the shared state
 
 #: SQLSTATEs with which the server refuses or aborts a statement before it can commit:
-#: a session terminated by a fast shutdown (admin_shutdown) or one refused at start.
-_NOT_EXECUTED = {"57P01", "57P03", "53300"}
+#: a session terminated by a fast shutdown (admin_shutdown), one refused at start, or a
+#: write refused by a read-only server (read_only_sql_transaction: a standby after a
+#: failover, ``default_transaction_read_only``; the statement changed nothing).
+_NOT_EXECUTED = {"57P01", "57P03", "53300", failures.READ_ONLY}
 _DATABASE_MODULES = ("psycopg", "psycopg2", "asyncpg", "sqlalchemy", "django.db")
 
 
@@ -78,8 +82,15 @@ _FIELDS = (
     "last_slots_refusal",
     "slots_logged",
     "paused_since",
+    "last_read_only",
 )
-_FLOATS = {"last_unavailable", "last_slots_refusal", "slots_logged", "paused_since"}
+_FLOATS = {
+    "last_unavailable",
+    "last_slots_refusal",
+    "slots_logged",
+    "paused_since",
+    "last_read_only",
+}
 _OFFSET = {name: 8 * i for i, name in enumerate(_FIELDS)}
 _RING_AT = 8 * len(_FIELDS)
 
@@ -118,8 +129,9 @@ class SharedState:
         finally:
             self._lock.release()
 
-    def record(self, failure: failures.Failure) -> None:
-        """A process met a transient failure: remember when, for the pause and slots."""
+    def record(self, failure: failures.Failure, read_only: bool = False) -> None:
+        """A process met a transient failure: remember when, for the pause and slots
+        (``read_only``: a write the server refused as read-only; its probe must write)."""
         now = time.monotonic()
         if not self._locked():
             return
@@ -133,6 +145,8 @@ class SharedState:
             self.set("ring_pos", pos + 1)
             self.set("unavailable", self.get("unavailable") + 1)
             self.set("last_unavailable", now)
+            if read_only:
+                self.set("last_read_only", now)
         finally:
             self._lock.release()
 
@@ -159,12 +173,29 @@ class SharedState:
 # --- probes: a plain connect, never through the app's pools ----------------------------
 
 
+class ReadOnly(Exception):
+    """A probe connected, but the server takes no writes yet."""
+
+
+def _connect_and_close(connection: Any, writable: bool) -> None:
+    """Close a probe's connection; first, if ``writable``, require the server to take
+    writes (a server still read-only after a failover is not back for writing tasks)."""
+    try:
+        if writable:
+            cursor = connection.cursor()
+            cursor.execute("SHOW transaction_read_only")
+            if cursor.fetchone()[0] == "on":
+                raise ReadOnly("the server is read-only (transaction_read_only = on)")
+    finally:
+        connection.close()
+
+
 class Probe:
     """One database the worker uses, and how to try a plain connect to it."""
 
-    def __init__(self, label: str, connect: Callable[[], None]) -> None:
+    def __init__(self, label: str, connect: Callable[[bool], None]) -> None:
         self.label = label
-        self.connect = connect
+        self.connect = connect  # connect(writable): raises while unavailable
 
 
 def _django_probes(aliases: list[str]) -> Iterator[Probe]:
@@ -174,12 +205,12 @@ def _django_probes(aliases: list[str]) -> Iterator[Probe]:
         wrapper = connections[alias]
         label = describe_django_database(alias, wrapper.settings_dict)
 
-        def connect(wrapper: Any = wrapper) -> None:
+        def connect(writable: bool, wrapper: Any = wrapper) -> None:
             params = dict(wrapper.get_connection_params())
             for key in ("cursor_factory", "context", "prepare_threshold", "server_side_binding"):
                 params.pop(key, None)
             params.setdefault("connect_timeout", PROBE_TIMEOUT)
-            wrapper.Database.connect(**params).close()
+            _connect_and_close(wrapper.Database.connect(**params), writable)
 
         yield Probe(label, connect)
 
@@ -195,11 +226,12 @@ def _sqlalchemy_probes(hooks: list[Hook]) -> Iterator[Probe]:
             if engine.dialect.driver not in ("psycopg", "psycopg2"):
                 continue
 
-            def connect(engine: Any = engine) -> None:
+            def connect(writable: bool, engine: Any = engine) -> None:
                 cargs, cparams = engine.dialect.create_connect_args(engine.url)
                 cparams = dict(cparams)
                 cparams.setdefault("connect_timeout", PROBE_TIMEOUT)
-                engine.dialect.loaded_dbapi.connect(*cargs, **cparams).close()
+                connection = engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
+                _connect_and_close(connection, writable)
 
             yield Probe(describe_sqlalchemy_url(engine.url), connect)
 
@@ -257,6 +289,7 @@ class DatabaseTrouble(Hook):
         self._probes: list[Probe] | None = None
         self._paused_at: float | None = None
         self._probe_count = 0
+        self._probe_writable = False  # the pause began with writes refused as read-only
         self.last_pause: dict[str, Any] | None = None
         # (refusal message, role): logged with the server's numbers at the next connect.
         self._slots_line: tuple[str, str | None] | None = None
@@ -384,7 +417,7 @@ class DatabaseTrouble(Hook):
         if not failure.transient or not _from_database_code(exc):
             return None
         if self.state is not None:
-            self.state.record(failure)
+            self.state.record(failure, read_only=failures.read_only(exc))
         if failure is failures.Failure.SLOTS_EXHAUSTED:
             self._log_slots_refusal(exc)
         run = self.guard.lifecycle.current_run()
@@ -477,12 +510,15 @@ class DatabaseTrouble(Hook):
             cursor = wrapper.connection.cursor()
             try:
                 cursor.execute(
-                    "SELECT current_setting('max_connections')::int, current_user::text, "
+                    "SELECT current_setting('max_connections')::int, "
+                    "current_setting('superuser_reserved_connections')::int "
+                    "+ coalesce(current_setting('reserved_connections', true), '0')::int, "
+                    "current_user::text, "
                     "(SELECT rolconnlimit FROM pg_roles WHERE rolname = "
                     "coalesce(%s, current_user))",
                     [role],
                 )
-                max_connections, user, role_limit = cursor.fetchone()
+                max_connections, reserved, user, role_limit = cursor.fetchone()
             finally:
                 cursor.close()
             if not wrapper.get_autocommit():
@@ -492,7 +528,9 @@ class DatabaseTrouble(Hook):
             return "max_connections and the role's limit could not be read"
         limit = "no limit" if role_limit in (None, -1) else str(role_limit)
         return (
-            f"the server has max_connections={max_connections}, "
+            f"the server has max_connections={max_connections}, {reserved} of them reserved "
+            f"(superuser_reserved_connections, reserved_connections), so "
+            f"{max_connections - reserved} usable by other roles; "
             f"role {role or user!r} CONNECTION LIMIT {limit}"
         )
 
@@ -523,7 +561,6 @@ class DatabaseTrouble(Hook):
         options = self.guard.options
         assert self.state is not None
         next_probe = 0.0
-        interval = PROBE_INTERVAL
         resumed_at = 0.0  # failures from before a resume do not count again
         while not self._stop.wait(WATCH_EVERY):
             try:
@@ -533,14 +570,13 @@ class DatabaseTrouble(Hook):
                     recent = self.state.unavailable_since(since)
                     if recent >= options.pause_after_failures and self._probe_targets():
                         self._pause(recent)
-                        next_probe, interval = now + PROBE_INTERVAL, PROBE_INTERVAL
+                        next_probe = now + PROBE_INTERVAL
                 elif now >= next_probe:
                     if self._probe():
                         self._resume()
                         resumed_at = time.monotonic()
                     else:
-                        interval = min(PROBE_INTERVAL_MAX, interval * 1.2)
-                        next_probe = time.monotonic() + interval
+                        next_probe = time.monotonic() + PROBE_INTERVAL
             except Exception:
                 logger.exception("lifeguard: the database watch failed; tasks are not affected")
 
@@ -548,25 +584,36 @@ class DatabaseTrouble(Hook):
         assert self.state is not None
         self._paused_at = time.monotonic()
         self._probe_count = 0
+        last_read_only = self.state.get("last_read_only")
+        window = self.guard.options.pause_window
+        self._probe_writable = last_read_only > 0 and self._paused_at - last_read_only < window
         self.state.set("paused", 1)
         self.state.set("paused_since", self._paused_at)
         self.state.add("pauses")
         names = ", ".join(p.label for p in self._probe_targets())
         logger.warning(
             "lifeguard: paused consuming tasks: %d connection failures in %.0fs show the "
-            "database %s unavailable; tasks already received are handed back if they meet "
-            "the outage. Probing it about once a second.",
+            "database %s %s; tasks already received are handed back if they meet "
+            "the outage. Probing it about once a second%s.",
             recent,
-            self.guard.options.pause_window,
+            window,
             names,
+            "read-only (writes refused, as after a failover)"
+            if self._probe_writable
+            else "unavailable",
+            " until it takes writes" if self._probe_writable else "",
         )
         self._on_consumer_loop(lambda consumer: consumer.task_consumer.cancel())
 
     def _probe(self) -> bool:
         self._probe_count += 1
+        if not self._probe_writable and self.state is not None and self._paused_at is not None:
+            # Refused connections first (the primary gone), read-only writes next (its
+            # standby answering): from then on, the server must take writes.
+            self._probe_writable = self.state.get("last_read_only") >= self._paused_at
         for probe in self._probe_targets():
             try:
-                probe.connect()
+                probe.connect(self._probe_writable)
             except Exception as exc:
                 logger.info(
                     "lifeguard: probe %d of %s: still unavailable (%s)",

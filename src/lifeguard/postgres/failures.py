@@ -187,3 +187,18 @@ def classify(exc: BaseException) -> Failure:
             if current.errno is not None or isinstance(current, socket.gaierror):
                 return Failure.UNAVAILABLE  # no route to host, unknown host name
     return Failure.OTHER
+
+
+READ_ONLY = "25006"  # read_only_sql_transaction
+_READ_ONLY_TEXT = re.compile(r"cannot execute \S+ in a read-only transaction", re.IGNORECASE)
+
+
+def read_only(exc: BaseException) -> bool:
+    """A write refused because the server (a standby, or one switched to
+    ``default_transaction_read_only``) takes none now: SQLSTATE 25006, or its message
+    where no SQLSTATE came."""
+    for current in _chain(exc):
+        code = sqlstate(current)
+        if code is not None:
+            return code == READ_ONLY
+    return any(_is_driver_error(c) and _READ_ONLY_TEXT.search(str(c)) for c in _chain(exc))
