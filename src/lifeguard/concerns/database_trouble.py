@@ -39,6 +39,7 @@ from .. import stats as counters
 from ..hooks import Hook, WorkerInfo
 from ..postgres import failures
 from ..postgres.conninfo import describe_django_database, describe_sqlalchemy_url
+from ..postgres.slots import read_limits
 
 logger = logging.getLogger("lifeguard.database")
 
@@ -373,7 +374,7 @@ class DatabaseTrouble(Hook):
             connection.execute_wrappers.append(self._count_statement)
         pending, self._slots_line = self._slots_line, None
         if pending is not None and connection.vendor == "postgresql":
-            self._log_slots(pending, self._server_limits(connection, pending[1]))
+            self._log_slots(pending, self._server_limits(connection))
 
     def _count_statement(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
@@ -503,36 +504,19 @@ class DatabaseTrouble(Hook):
         )
 
     @staticmethod
-    def _server_limits(wrapper: Any, role: str | None) -> str:
+    def _server_limits(wrapper: Any) -> str:
         """max_connections and the role's limit, read on the driver's connection (not
         through Django's cursor: this is lifeguard's query, not the task's)."""
         try:
-            cursor = wrapper.connection.cursor()
-            try:
-                cursor.execute(
-                    "SELECT current_setting('max_connections')::int, "
-                    "current_setting('superuser_reserved_connections')::int "
-                    "+ coalesce(current_setting('reserved_connections', true), '0')::int, "
-                    "current_user::text, "
-                    "(SELECT rolconnlimit FROM pg_roles WHERE rolname = "
-                    "coalesce(%s, current_user))",
-                    [role],
-                )
-                max_connections, reserved, user, role_limit = cursor.fetchone()
-            finally:
-                cursor.close()
+            limits = read_limits(wrapper.connection)
             if not wrapper.get_autocommit():
                 wrapper.connection.rollback()
         except Exception:
             logger.debug("reading the server's limits failed", exc_info=True)
+            limits = None
+        if limits is None:
             return "max_connections and the role's limit could not be read"
-        limit = "no limit" if role_limit in (None, -1) else str(role_limit)
-        return (
-            f"the server has max_connections={max_connections}, {reserved} of them reserved "
-            f"(superuser_reserved_connections, reserved_connections), so "
-            f"{max_connections - reserved} usable by other roles; "
-            f"role {role or user!r} CONNECTION LIMIT {limit}"
-        )
+        return limits.summary()
 
     # --- the pause, in the MainProcess ------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import LifeguardError
 from ..postgres import driver as pgdriver
+from ..postgres.slots import read_limits
 
 logger = logging.getLogger("lifeguard.green")
 
@@ -142,20 +143,13 @@ class GreenBudget:
     def _fit_free_slots(self, raw: Any) -> None:
         """A default budget is at most half the slots still free for ordinary roles."""
         try:
-            with raw.cursor() as cur:
-                cur.execute(
-                    "SELECT current_setting('max_connections')::int"
-                    " - current_setting('superuser_reserved_connections')::int"
-                    " - (SELECT count(*) FROM pg_stat_activity"
-                    "    WHERE backend_type = 'client backend')::int"
-                )
-                row = cur.fetchone()
+            limits = read_limits(raw)
             if not raw.autocommit:
                 raw.rollback()
         except Exception:
             logger.debug("reading the database's free slots failed", exc_info=True)
             return
-        free = int(row[0]) if row else None
+        free = limits.free_slots if limits is not None else None
         if free is not None and free // 2 < self.budget:
             self.budget = max(1, free // 2)
             logger.warning(

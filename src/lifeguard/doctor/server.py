@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..monitor.slots import Limits, read_limits
 from ..monitor.snapshot import Snapshot, take_snapshot
 from ..monitor.target import (
     DatabaseTarget,
@@ -36,6 +35,7 @@ from ..monitor.target import (
     time_limited,
 )
 from ..postgres.conninfo import ConninfoError, parse_conninfo
+from ..postgres.slots import Limits, read_limits
 
 if TYPE_CHECKING:
     pass

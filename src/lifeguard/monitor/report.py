@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from ..postgres.slots import read_limits
 from .actions import Action, terminate_stale
 from .attribution import RunningTask, WorkerTasks, running_tasks
-from .slots import read_limits
 from .snapshot import (
     Backend,
     Baseline,

@@ -23,7 +23,7 @@ from ..postgres.conninfo import (
     parse_conninfo,
     redact_url,
 )
-from .slots import refusal
+from ..postgres.slots import refusal
 
 ENV_URL = "LIFEGUARD_DATABASE_URL"
 #: How the monitor's own session shows in pg_stat_activity (never a worker's prefix).

@@ -1,10 +1,11 @@
-"""Connection slots: is the server or the monitored role at its limit?
+"""Connection slots: what the server allows, what is in use, and who is at a limit.
 
-``lifeguard check``/``monitor`` and ``lifeguard doctor`` share this. When the database
-refuses them a slot they say "slots exhausted" and which limit the server named
-(:func:`refusal`), rather than only "cannot connect"; when they can still connect (a
-superuser through the reserved slots, or a moment later) they read the figures
-(:func:`read_limits`) and report the condition when a limit is reached.
+One query (:func:`read_limits`) for everyone who needs the figures: ``lifeguard check``,
+``monitor`` and ``doctor`` report the condition when a limit is reached; when the
+database refuses them a slot they say "slots exhausted" and which limit the server
+named (:func:`refusal`), rather than only "cannot connect". In the worker, the database
+trouble concern names the limits in its log line (:meth:`Limits.summary`) and the green
+budget shrinks to the free slots (:attr:`Limits.free_slots`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..postgres.failures import Failure, classify
+from .failures import Failure, classify
 
 SLOTS_EXHAUSTED = "slots exhausted"
 
@@ -47,6 +48,22 @@ class Limits:
     @property
     def usable_slots(self) -> int:
         return self.max_connections - self.superuser_reserved - self.reserved
+
+    @property
+    def free_slots(self) -> int:
+        """Slots an ordinary role may still take now."""
+        return max(0, self.usable_slots - self.server_backends)
+
+    def summary(self) -> str:
+        """The limits in one clause, for a log line that says what to change."""
+        reserved = self.superuser_reserved + self.reserved
+        limit = "no limit" if self.role_limit < 0 else str(self.role_limit)
+        return (
+            f"the server has max_connections={self.max_connections}, {reserved} of them "
+            f"reserved (superuser_reserved_connections, reserved_connections), so "
+            f"{self.usable_slots} usable by other roles; "
+            f"role {self.role!r} CONNECTION LIMIT {limit}"
+        )
 
     def _reserved_text(self) -> str:
         text = f"superuser_reserved_connections {self.superuser_reserved}"
