@@ -384,3 +384,32 @@ def effect_decorated(key: str) -> dict[str, Any]:
     """The decorator form: its return value is stored; a rerun returns it without a call."""
     calls = _remote_call(lifeguard.current_effect().idempotency_key, key)
     return {"pid": os.getpid(), "calls": calls}
+
+
+@shared_task
+def bench_effect(key: str, guard: str, call_ms: float = 0.0) -> bool:
+    """benchmarks/effects.py: a simulated remote call of ``call_ms``, claimed by ``guard``:
+    "none", "effect" (lifeguard.effect), or "redis" (a celery-once-style claim: SET NX EX
+    before, SET done after). Returns whether the call was made."""
+
+    def call() -> None:
+        time.sleep(call_ms / 1000)
+
+    if guard == "none":
+        call()
+        return True
+    if guard == "effect":
+        with lifeguard.effect(key) as effect:
+            if not effect.done:
+                call()
+        return not effect.done
+    if not _redis:
+        import redis
+
+        _redis.append(redis.Redis.from_url(os.environ["LIFEGUARD_SANDBOX_BROKER_URL"]))
+    claim = f"qo_effect_{key}"
+    if not _redis[0].set(claim, "claimed", nx=True, ex=3600):
+        return False
+    call()
+    _redis[0].set(claim, "done", ex=3600)
+    return True
