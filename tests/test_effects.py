@@ -40,6 +40,10 @@ def effects_db(test_db: Database) -> Database:
         "CREATE TABLE IF NOT EXISTS lifeguard_effect_remote "
         "(idempotency_key text, key text, pid int, at timestamptz DEFAULT clock_timestamp())"
     )
+    test_db.execute(  # singleton_run's, as tests/test_once.py makes it
+        "CREATE TABLE IF NOT EXISTS lifeguard_singleton_runs (key text, during tstzrange, "
+        "EXCLUDE USING gist (during WITH &&))"
+    )
     return test_db
 
 
@@ -229,3 +233,20 @@ def test_a_table_made_before_effects_is_a_clear_error_then_migrates_keeping_its_
         assert lifeguard_cli("migrate", "--database-url", old.url).returncode == 0
         with lifeguard.effect("k", url=old.url) as effect:
             assert effect.done and effect.result == {"n": 1}
+
+
+@pytest.mark.slow
+def test_the_lock_session_never_comes_from_djangos_native_pool(
+    effects_db: Database, sandbox_worker: Any, tasks: SandboxTasks
+) -> None:
+    """The effect's (and the singleton's) session is opened and closed by lifeguard: one
+    lent by a pool of two would never go back, and the third run would wait for a slot."""
+    import django
+
+    if django.VERSION < (5, 1):
+        pytest.skip("Django's native pool came with 5.1")
+    sandbox_worker(conn_max_age="0", native_pool='{"min_size": 1, "max_size": 2, "timeout": 3}')
+    for run in range(4):
+        key = f"pool:{uuid.uuid4().hex[:6]}"
+        assert tasks.run("effect_call", key, timeout=20)["status"] == "claimed", run
+        assert tasks.run("singleton_run", key, 0.0, timeout=20)["acquired"] is True, run

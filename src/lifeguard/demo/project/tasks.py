@@ -342,8 +342,7 @@ def bench_redis_lock(self: Any, value: str) -> int:
 
 def _remote_call(idempotency_key: str, key: str) -> int:
     """Records one call of the remote API; returns how many calls of ``key`` it has seen."""
-    wrapper = connection
-    raw = wrapper.get_new_connection(wrapper.get_connection_params())
+    raw = connection.Database.connect(**connection.get_connection_params())  # not pooled
     try:
         raw.autocommit = True
         cur = raw.cursor()
