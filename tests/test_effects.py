@@ -250,3 +250,24 @@ def test_the_lock_session_never_comes_from_djangos_native_pool(
         key = f"pool:{uuid.uuid4().hex[:6]}"
         assert tasks.run("effect_call", key, timeout=20)["status"] == "claimed", run
         assert tasks.run("singleton_run", key, 0.0, timeout=20)["acquired"] is True, run
+
+
+@pytest.mark.compat
+def test_waiting_for_a_live_owner_is_bounded_by_the_timeout(effects_db: Database) -> None:
+    """The owner (another session, still running) keeps the lock: a waiter with a timeout
+    gives up with EffectBusy naming the key instead of running the effect a second time."""
+    import time
+
+    import lifeguard
+
+    key = f"slow:{uuid.uuid4().hex[:6]}"
+    with lifeguard.effect(key, url=effects_db.url) as owner:
+        assert owner.status == "claimed"
+        started = time.monotonic()
+        waiting = pytest.raises(lifeguard.EffectBusy, match=key)
+        with waiting, lifeguard.effect(key, url=effects_db.url, timeout=0.5):
+            pass
+        assert 0.4 < time.monotonic() - started < 5
+        with pytest.raises(lifeguard.ConfigurationError, match="on_orphan"):
+            lifeguard.effect_task(on_orphan="retry")  # type: ignore[typeddict-item]
+    assert claim_row(effects_db, key)[0] == "done"
