@@ -97,6 +97,66 @@ def keeps_a_mebibyte():
 def bounded_cache():
     _CALLS[0] += 1
     _CACHE[_CALLS[0] % 3] = b"c" * 2**20  # three entries at most, filled on first use
+
+
+@app.task
+def report_times_out():
+    from django.db import transaction
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL statement_timeout = '100ms'")
+        cursor.execute("SELECT pg_sleep(5)")  # the server cancels it: the task fails
+
+
+@app.task
+def export_in_a_helper_process():
+    import psycopg
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    pid = os.fork()
+    if pid == 0:  # the helper connects, then is gone without closing (killed, crashed)
+        try:
+            conn = psycopg.connect(
+                host=db["HOST"], port=db["PORT"], user=db["USER"],
+                password=db["PASSWORD"] or None, dbname=db["NAME"],
+            )
+            conn.execute("SELECT 1")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return 1
+
+
+@app.task
+def how_it_runs():
+    import sys
+
+    gevent = "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched(
+        "socket"
+    )
+    eventlet = "eventlet" in sys.modules and sys.modules["eventlet"].patcher.is_monkey_patched(
+        "socket"
+    )
+    return {
+        "pid": os.getpid(),
+        "thread": threading.current_thread().name,
+        "gevent": gevent,
+        "eventlet": eventlet,
+    }
+
+
+@app.task
+def greenlet_leaks_connection(library):
+    import importlib
+
+    def report():
+        with connection.cursor() as cursor:  # the greenlet's own connection, never closed
+            cursor.execute("SELECT 1")
+
+    greenlet = importlib.import_module(library).spawn(report)  # gevent or eventlet
+    greenlet.join() if library == "gevent" else greenlet.wait()
+    return 1
 """
 
 SUITE = """
@@ -160,8 +220,49 @@ def test_bounded_cache(lifeguard_soak):
 
 def test_keeps_a_mebibyte(lifeguard_soak):
     lifeguard_soak(tasks.keeps_a_mebibyte, n=60, max_growth="8MiB", max_slope="50KiB/task")
+
+
+def test_report_times_out():
+    with pytest.raises(Exception, match="statement timeout"):
+        tasks.report_times_out.delay().get(timeout=30)
+
+
+def test_helper_process_abandons_its_session():
+    assert tasks.export_in_a_helper_process.delay().get(timeout=30) == 1
+
+
+@pytest.mark.lifeguard(allow=["sessions_abandoned"])
+def test_helper_process_on_purpose():
+    assert tasks.export_in_a_helper_process.delay().get(timeout=30) == 1
+
+
+# Other pools last, each pool's tests together (a class-scoped parameter): a test in
+# another pool replaces the session's worker, which the next tests reuse.
+GREEN_LEAKS = {
+    "threads": tasks.thread_leaks_connection.s(),
+    "gevent": tasks.greenlet_leaks_connection.s("gevent"),
+    "eventlet": tasks.greenlet_leaks_connection.s("eventlet"),
+}
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [pytest.param(pool, marks=pytest.mark.lifeguard(pool=pool)) for pool in GREEN_LEAKS],
+    scope="class",
+)
+class TestPool:
+    def test_runs_tasks_in_its_pool(self, pool, lifeguard_worker):
+        info = tasks.how_it_runs.delay().get(timeout=30)
+        assert lifeguard_worker.pool == pool and not lifeguard_worker.worker.children()
+        assert info["pid"] == lifeguard_worker.worker.pid  # not a prefork child
+        patched = {"threads": info["thread"] != "MainThread", **info}
+        assert patched[pool] is True, info
+
+    def test_leaks_connection(self, pool):
+        assert GREEN_LEAKS[pool].delay().get(timeout=30) == 1
 """
 
+GREEN_POOLS = ("threads", "gevent", "eventlet")  # the project's TestPool, in that order
 PLANTED = {  # test -> (the task its message names, the reason in words)
     "test_leaves_transaction_open": ("leaves_transaction_open", "left a transaction open"),
     "test_thread_leaks_connection": ("thread_leaks_connection", "leaked a database connection"),
@@ -172,6 +273,23 @@ PLANTED = {  # test -> (the task its message names, the reason in words)
     ),
     "test_slow_report_gives_up": ("slow_report", "had a statement interrupted mid-flight"),
     "test_keeps_a_mebibyte": ("keeps_a_mebibyte", "slope over max_slope=50KiB/task"),
+    "test_report_times_out": ("report_times_out", "failed because of a database fault"),
+    "test_helper_process_abandons_its_session": (
+        "export_in_a_helper_process",
+        "left database sessions the server counts as abandoned",
+    ),
+    **{
+        f"TestPool::test_leaks_connection[{pool}]": (task, "leaked a database connection")
+        for pool, task in zip(
+            GREEN_POOLS,
+            [
+                "thread_leaks_connection",
+                "greenlet_leaks_connection",
+                "greenlet_leaks_connection",
+            ],
+            strict=True,
+        )
+    },
 }
 CLEAN = {
     "test_clean_query",
@@ -180,6 +298,8 @@ CLEAN = {
     "test_open_transaction_on_purpose",
     "test_open_transaction_warned",
     "test_bounded_cache",
+    "test_helper_process_on_purpose",
+    *(f"TestPool::test_runs_tasks_in_its_pool[{pool}]" for pool in GREEN_POOLS),
 }
 
 
@@ -249,7 +369,7 @@ def write_project(
 
 def outcomes(output: str, module: str = "test_tasks") -> dict[str, str]:
     """test name -> PASSED/FAILED, from ``-rA`` short summary lines."""
-    pattern = rf"^(PASSED|FAILED) {module}\.py::(\w+)"
+    pattern = rf"^(PASSED|FAILED) {module}\.py::(\S+)"
     return {name: state for state, name in re.findall(pattern, output, re.M)}
 
 
@@ -268,7 +388,8 @@ def test_planted_bugs_fail_clean_tests_pass(
     assert seen == {**dict.fromkeys(PLANTED, "FAILED"), **dict.fromkeys(CLEAN, "PASSED")}, output
     failures = output.split("= FAILURES =", 1)[1]
     for test, (task, reason) in PLANTED.items():
-        section = failures.split(f"_ {test} _", 1)[1].split("\n_____", 1)[0]
+        header = test.replace("::", ".")  # how pytest heads a class's test's failure
+        section = failures.split(f"_ {header} _", 1)[1].split("\n_____", 1)[0]
         assert f"task proj.tasks.{task}" in section and reason in section, section
     # Where lifeguard saw it: the worker process and lifeguard's own words.
     transaction = failures.split("_ test_leaves_transaction_open _", 1)[1]
@@ -278,7 +399,14 @@ def test_planted_bugs_fail_clean_tests_pass(
     assert "opened by thread 'reporter'" in leak
     held = failures.split("_ test_thread_holds_transaction _", 1)[1].split("\n_____", 1)[0]
     assert "seen in the database: backend" in held and "last statement 'SELECT 1'" in held
-    assert "cannot read pg_stat_activity" not in output  # every check could run
+    fault = failures.split("_ test_report_times_out _", 1)[1].split("\n_____", 1)[0]
+    assert "canceling statement due to statement timeout (SQLSTATE 57014)" in fault
+    abandoned = failures.split("_ test_helper_process_abandons_its_session _", 1)[1]
+    assert "seen in the database: pg_stat_database of " + project_db.name in abandoned
+    assert "1 more in sessions_abandoned" in abandoned.split("\n_____", 1)[0]
+    greenlet = failures.split("_ TestPool.test_leaks_connection[gevent] _", 1)[1]
+    assert "opened by thread 'Greenlet-" in greenlet.split("\n_____", 1)[0]
+    assert "cannot read" not in output  # every check could run
     # warn=True: the same finding, as a warning of a passing test.
     warned = output.split("warnings summary", 1)[1]
     assert "test_open_transaction_warned" in warned and "LifeguardWarning" in warned

@@ -20,6 +20,7 @@ docs/pytest.md.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,14 @@ from typing import Any
 import pytest
 
 from ..options import size_in_bytes
-from .worker import CHECKS, ActivityReader, Finding, SessionWorker
+from .worker import (
+    CHECKS,
+    ActivityReader,
+    Finding,
+    SessionEnds,
+    SessionWorker,
+    sessions_abandoned,
+)
 
 MIN_SLOPE_POINTS = 5
 POOLS = ("prefork", "threads", "gevent", "eventlet", "solo")
@@ -95,6 +103,9 @@ class _State:
         self.worker: SessionWorker | None = None
         self.app: Any = None
         self.activity: ActivityReader | None = None
+        self.sessions_check = True
+        # The bad session ends read after the last checked test, and that test's id.
+        self.last_ends: tuple[SessionEnds, str] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -143,8 +154,9 @@ class _State:
         if self.worker is not None and self.worker.pool == pool:
             return self.worker
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(self.app)
             self.worker = None
+        self.last_ends = None  # the old worker's sessions end now: no test's doing
         path, app = self.load_app(request)
         self.app = app
         broker = str(self.config.getini("lifeguard_broker_url") or "")
@@ -176,12 +188,102 @@ class _State:
         ).start()
         return self.worker
 
+    def _database_check_failed(self, what: str, exc: Exception) -> None:
+        """The check, not the test, could not run: say so once and stop reading."""
+        from ..postgres.conninfo import error_line
+
+        keywords = {k: str(v) for k, v in (self.activity.conninfo if self.activity else {}).items()}
+        conninfo = keywords.pop("conninfo", "")
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
+        warnings.warn(
+            LifeguardWarning(
+                f"lifeguard: cannot read {what} ({type(exc).__name__}: "
+                f"{error_line(exc, conninfo, keywords)[:200]}); the database checks "
+                "(idle_in_transaction, sessions_abandoned) are off"
+            ),
+            stacklevel=1,
+        )
+
+    def session_ends_before(self, item: pytest.Item) -> SessionEnds | None:
+        """The database's bad session ends before the test. Sessions that ended badly
+        after the previous test's check (a process its tasks started that outlived
+        them) are not the new test's: they become a warning naming that test."""
+        now = self._read_session_ends()
+        if now is None:
+            return None
+        if self.last_ends is not None:
+            previous, test = self.last_ends
+            late = sessions_abandoned(previous, now, test)
+            self.last_ends = None
+            if late:
+                lines = "\n".join(f"    seen in {line}" for line in late[0].where)
+                warnings.warn(
+                    LifeguardWarning(
+                        f"lifeguard: database sessions ended badly after {test} was "
+                        "checked (a process or thread its tasks started that outlived "
+                        f"them?), before this test began:\n{lines}"
+                    ),
+                    stacklevel=1,
+                )
+        return now
+
+    def _read_session_ends(self) -> SessionEnds | None:
+        """The figures now, or None when the check is off (or just turned off)."""
+        if self.activity is None or not self.sessions_check:
+            return None
+        try:
+            return self.activity.session_ends()
+        except Exception as exc:
+            self._sessions_unreadable(exc)
+            return None
+
+    def _sessions_unreadable(self, exc: Exception) -> None:
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.UndefinedColumn):  # PostgreSQL 13 or older
+            self.sessions_check = False
+            warnings.warn(
+                LifeguardWarning(
+                    "lifeguard: this PostgreSQL has no session figures in "
+                    "pg_stat_database (they came in PostgreSQL 14); the sessions_abandoned "
+                    "check is off"
+                ),
+                stacklevel=1,
+            )
+        else:
+            self._database_check_failed("pg_stat_database", exc)
+
+    def database_findings(
+        self,
+        item: pytest.Item,
+        worker: SessionWorker,
+        sent: list[tuple[str, str]],
+        before: SessionEnds | None,
+    ) -> list[Finding]:
+        """What the database shows after the test's tasks: backends of the worker idle
+        in transaction, sessions that ended badly while the tasks ran."""
+        if self.activity is None:
+            return []
+        names = " or ".join(sorted({name for _, name in sent}))
+        try:
+            found = self.activity.idle_in_transaction(worker.pids(), names)
+        except Exception as exc:
+            self._database_check_failed("pg_stat_activity", exc)
+            return []
+        after = self._read_session_ends() if before is not None else None
+        if before is None or after is None:
+            return found
+        self.last_ends = (after, item.nodeid)
+        return found + sessions_abandoned(before, after, names)
+
     def stop(self) -> None:
         if self.activity is not None:
             self.activity.close()
             self.activity = None
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(self.app)
             self.worker = None
 
 
@@ -243,7 +345,8 @@ def _django_configured() -> bool:
 def _conninfo(url: str) -> dict[str, Any] | None:
     """libpq keywords of the database whose pg_stat_activity the plugin reads."""
     if url:
-        return {"conninfo": url}
+        # A SQLAlchemy URL names its driver (postgresql+psycopg://): libpq takes the rest.
+        return {"conninfo": re.sub(r"^(postgres(?:ql)?)\+\w+://", r"\1://", url.strip())}
     if not _django_configured():
         return None
     from django.db import connections
@@ -298,8 +401,10 @@ def _lifeguard_auto(request: pytest.FixtureRequest) -> None:
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     state = item.config.stash[_STATE]
     worker = state.worker
+    before: SessionEnds | None = None
     if worker is not None:
         worker.take_published()  # tasks sent by fixtures' setup are the fixture's own
+        before = state.session_ends_before(item)
     result = yield
     worker = state.worker
     if worker is None:
@@ -310,20 +415,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     if ids:
         ids = worker.settle(ids, float(item.config.getini("lifeguard_wait")))
         findings = worker.findings(ids)
-    if ids and state.activity is not None:
-        try:
-            names = " or ".join(sorted({name for _, name in sent}))
-            findings += state.activity.idle_in_transaction(worker.pids(), names)
-        except Exception as exc:  # the check, not the test, could not run: say so once
-            state.activity.close()
-            state.activity = None
-            warnings.warn(
-                LifeguardWarning(
-                    f"lifeguard: cannot read pg_stat_activity ({type(exc).__name__}: "
-                    f"{str(exc).strip()[:200]}); the idle_in_transaction check is off"
-                ),
-                stacklevel=1,
-            )
+        findings += state.database_findings(item, worker, sent, before)
     settings = state.settings(item)
     findings = [f for f in findings if f.check not in settings.allow]
     if findings:

@@ -100,15 +100,15 @@ class Recorder(Hook):
         # A soft time limit is its own finding (the statement it interrupted), not a fault.
         soft_limit = outcome.kind is OutcomeKind.SOFT_TIME_LIMIT
         if exc is not None and not soft_limit and _database_error(exc):
-            code = failures.sqlstate(exc)
+            first_line = (str(exc).strip().splitlines() or [""])[0]
             self.write(
                 {
                     "kind": "database_fault",
                     "task": run.name,
                     "task_id": run.id,
-                    "sqlstate": code,
+                    "sqlstate": failures.chain_sqlstate(exc),
                     "failure": failures.classify(exc).value,
-                    "message": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0:1]}",
+                    "message": f"{type(exc).__name__}: {first_line}",
                 }
             )
         memory = next((h for h in self.guard.hooks if h.name == "memory"), None)

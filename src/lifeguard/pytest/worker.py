@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -37,6 +38,8 @@ CHECKS = {
     "database_fault": "failed because of a database fault",
     "idle_in_transaction": "left a backend idle in transaction after the test "
     "(seen in pg_stat_activity)",
+    "sessions_abandoned": "left database sessions the server counts as abandoned or "
+    "ended by a fatal error (seen in pg_stat_database)",
 }
 
 _DISCARD_CHECKS = {
@@ -105,6 +108,7 @@ class SessionWorker:
         self.seq = 0
         self.published: list[tuple[str, str]] = []  # (task id, task name)
         self._lock = threading.Lock()
+        self.nodename = f"lifeguard-pytest-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         env = {
             ENV_EVENTS: self.events_dir,
             names.ENV_APP: app_path,
@@ -121,7 +125,7 @@ class SessionWorker:
             pool=pool,
             concurrency=concurrency,
             queue=",".join(queues) if queues else _default_queue(app_path),
-            hostname=f"lifeguard-pytest-{uuid.uuid4().hex[:8]}@%h",
+            hostname=self.nodename,
             env=env,
             cwd=rootdir,
         )
@@ -133,10 +137,18 @@ class SessionWorker:
         self.worker.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, app: Any = None) -> None:
+        """Warm shutdown. Asked by remote control first when ``app`` is given: a gevent
+        or eventlet worker acts on SIGTERM only when its event loop next wakes (4 to 5 s
+        with a Redis broker), on the control message at once."""
         from celery.signals import before_task_publish
 
         before_task_publish.disconnect(self._published)
+        process = self.worker.process
+        if app is not None and process is not None and process.poll() is None:
+            with contextlib.suppress(Exception):  # remote control off, broker gone: SIGTERM
+                app.control.shutdown(destination=[self.nodename])
+                process.wait(10)
         self.worker.stop()
         shutil.rmtree(self.events_dir, ignore_errors=True)
 
@@ -264,30 +276,83 @@ def _default_queue(app_path: str) -> str:
     return str(app.conf.task_default_queue or "celery")
 
 
+@dataclass(frozen=True)
+class SessionEnds:
+    """``pg_stat_database``'s counts of one database's sessions that ended badly so far
+    (cumulative since the server's stats were last reset)."""
+
+    database: str
+    abandoned: int  # the client went away without closing the session
+    fatal: int  # the server ended the session with a FATAL error
+
+
+#: pg_stat_database column -> what a session counted there went through.
+_SESSION_ENDS = {
+    "abandoned": "sessions_abandoned: the client went away without closing the session "
+    "(a process that exited or was killed with a connection open, a cut connection)",
+    "fatal": "sessions_fatal: the server ended the session with a FATAL error "
+    "(idle_session_timeout, idle_in_transaction_session_timeout, a client lost mid-reply; "
+    "the server's log has the error)",
+}
+
+
+def sessions_abandoned(before: SessionEnds, after: SessionEnds, tasks: str) -> list[Finding]:
+    """A finding when sessions of the database ended badly between ``before`` and
+    ``after`` (the test's tasks ran between them)."""
+    where = []
+    for figure, words in _SESSION_ENDS.items():
+        grew = getattr(after, figure) - getattr(before, figure)
+        if grew > 0:
+            where.append(f"pg_stat_database of {after.database}: {grew} more in {words}")
+    return [Finding("sessions_abandoned", tasks, None, None, where)] if where else []
+
+
 class ActivityReader:
-    """One autocommit session of the test process that reads pg_stat_activity after
-    each test (a new session per test would cost more than the check)."""
+    """One autocommit session of the test process that reads pg_stat_activity and
+    pg_stat_database around each test (a new session per test would cost more than the
+    checks)."""
 
     def __init__(self, conninfo: dict[str, Any]) -> None:
         self.conninfo = conninfo
         self.conn: Any = None
         self.reported: set[tuple[Any, ...]] = set()  # idle transactions already reported
 
-    def rows(self, pids: list[int]) -> list[tuple[Any, ...]]:
+    def connection(self) -> Any:
         import psycopg
 
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(
                 **self.conninfo, autocommit=True, application_name="lifeguard-pytest"
             )
+        return self.conn
+
+    def session_ends(self) -> SessionEnds:
+        """The database's abandoned and fatal session counts now.
+
+        A backend writes its session's end to the statistics as it exits, before its
+        slot is free: the figures are current within a millisecond of a client's exit,
+        and each autocommit statement reads them afresh (its own stats snapshot)."""
+        row = (
+            self.connection()
+            .execute(
+                "SELECT datname, sessions_abandoned, sessions_fatal FROM pg_stat_database "
+                "WHERE datname = current_database()"
+            )
+            .fetchone()
+        )
+        return SessionEnds(str(row[0]), int(row[1]), int(row[2]))
+
+    def rows(self, pids: list[int]) -> list[tuple[Any, ...]]:
         suffixes = [f"%:{pid}" for pid in pids]
         return list(
-            self.conn.execute(
+            self.connection()
+            .execute(
                 "SELECT pid, xact_start, application_name, datname, state, left(query, 200) "
                 "FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%' "
                 "AND application_name LIKE ANY(%s)",
                 [suffixes],
-            ).fetchall()
+            )
+            .fetchall()
         )
 
     def close(self) -> None:
