@@ -531,6 +531,8 @@ def test_pytest_django_worker_uses_the_test_database(
 
 SQLA_APP = """
 import os
+import threading
+import time
 
 from celery import Celery
 from sqlalchemy import create_engine, text
@@ -556,9 +558,52 @@ def forgets_its_connection():
     connection = engine().connect()  # never closed: still checked out at the task's end
     _KEPT.append(connection)
     return connection.execute(text("SELECT 1")).scalar()
+
+
+@app.task(soft_time_limit=0.5)
+def slow_total():
+    with guard.session(engine()) as session:
+        session.execute(text("SELECT pg_sleep(30)"))
+
+
+@app.task
+def total_times_out():
+    with guard.session(engine()) as session:
+        session.execute(text("SET LOCAL statement_timeout = '100ms'"))
+        session.execute(text("SELECT pg_sleep(5)"))  # the server cancels it
+
+
+@app.task
+def thread_holds_transaction():
+    begun = threading.Event()
+
+    def audit():
+        with engine().connect() as connection:
+            connection.execute(text("SELECT 1"))  # begins; no commit
+            begun.set()
+            time.sleep(3)  # outlives the task, the transaction still open
+
+    threading.Thread(target=audit, name="audit").start()
+    begun.wait(10)
+    return 1
+
+
+@app.task
+def export_in_a_helper_process():
+    pid = os.fork()
+    if pid == 0:  # the helper's own engine: it connects, then is gone without closing
+        try:
+            create_engine(os.environ["PLAIN_DB"]).connect().execute(text("SELECT 1"))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return 1
 """
 
 SQLA_SUITE = """
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
 import plain
 
 
@@ -568,6 +613,24 @@ def test_total():
 
 def test_forgets_its_connection():
     assert plain.forgets_its_connection.delay().get(timeout=30) == 1
+
+
+def test_slow_total_gives_up():
+    with pytest.raises(SoftTimeLimitExceeded):
+        plain.slow_total.delay().get(timeout=30)
+
+
+def test_total_times_out():
+    with pytest.raises(Exception, match="statement timeout"):
+        plain.total_times_out.delay().get(timeout=30)
+
+
+def test_thread_holds_transaction():
+    assert plain.thread_holds_transaction.delay().get(timeout=30) == 1
+
+
+def test_helper_process_abandons_its_session():
+    assert plain.export_in_a_helper_process.delay().get(timeout=30) == 1
 """
 
 
@@ -576,8 +639,10 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
     pytester: pytest.Pytester, project_db: Database, redis_url: str
 ) -> None:
     """A plain Celery app with a SQLAlchemy engine, named by a ``celery_app`` fixture
-    (no ini app): the connection a task leaves checked out fails its test, naming the
-    task and engine; the clean task passes."""
+    (no ini app), its database by ``lifeguard_database_url``: a connection left checked
+    out, a soft time limit mid-query, a statement timeout, a thread holding a
+    transaction and a helper process abandoning its session each fail their test, naming
+    the task and the reason; the clean task passes."""
     pytester.makepyfile(
         **{
             "plain.py": SQLA_APP,
@@ -586,10 +651,14 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
             "test_plain.py": SQLA_SUITE,
         }
     )
+    url = project_db.server.url(project_db.name, scheme="postgresql+psycopg")
+    # No Django: the database checks read the database lifeguard_database_url names
+    # (here the app's own SQLAlchemy URL).
     pytester.makeini(
-        """
+        f"""
         [pytest]
         lifeguard = true
+        lifeguard_database_url = {url}
         pythonpath = .
         addopts = -p lifeguard.pytest -p no:cacheprovider -p no:django
         """
@@ -597,21 +666,44 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
     env = {
         "PLAIN_BROKER": f"{redis_url}/0",
         "PLAIN_QUEUE": f"lifeguard-plain-{uuid.uuid4().hex[:8]}",
-        "PLAIN_DB": project_db.server.url(project_db.name, scheme="postgresql+psycopg"),
+        "PLAIN_DB": url,
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
         result = pytester.runpytest_subprocess("-rA", timeout=240)
     output = result.stdout.str() + result.stderr.str()
+    planted = {  # test -> what its failure says
+        "test_forgets_its_connection": [
+            "task plain.forgets_its_connection",
+            "leaked a database connection or session",
+            "still checked out",  # lifeguard's own words, from the worker
+            "left a transaction open",  # SQLAlchemy 2 began one: rolled back on hand-back
+        ],
+        "test_slow_total_gives_up": ["task plain.slow_total", "statement interrupted"],
+        "test_total_times_out": [
+            "task plain.total_times_out",
+            "failed because of a database fault",
+            "statement timeout (SQLSTATE 57014)",
+        ],
+        "test_thread_holds_transaction": [
+            "task plain.thread_holds_transaction",
+            "idle in transaction",
+            f"on {project_db.name}: idle in transaction, last statement 'SELECT 1'",
+        ],
+        "test_helper_process_abandons_its_session": [
+            "task plain.export_in_a_helper_process",
+            f"pg_stat_database of {project_db.name}: 1 more in sessions_abandoned",
+        ],
+    }
     assert outcomes(output, "test_plain") == {
         "test_total": "PASSED",
-        "test_forgets_its_connection": "FAILED",
+        **dict.fromkeys(planted, "FAILED"),
     }, output
-    failure = output.split("_ test_forgets_its_connection _", 1)[1]
-    assert "task plain.forgets_its_connection" in failure
-    assert "leaked a database connection or session" in failure
-    assert "still checked out" in failure  # lifeguard's own words, from the worker
+    for test, words in planted.items():
+        section = output.split(f"_ {test} _", 1)[1].split("\n_____", 1)[0]
+        assert all(word in section for word in words), section
+    assert "cannot read" not in output
 
 
 def test_unknown_check_name_is_a_usage_error(pytester: pytest.Pytester) -> None:
