@@ -129,6 +129,13 @@ def export_in_a_helper_process():
 
 
 @app.task
+def exits_with_its_connection_open():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    os._exit(1)  # as the OOM killer would end it: no connection closed
+
+
+@app.task
 def how_it_runs():
     import sys
 
@@ -236,6 +243,13 @@ def test_helper_process_on_purpose():
     assert tasks.export_in_a_helper_process.delay().get(timeout=30) == 1
 
 
+def test_process_dies_with_its_connection_open():
+    from billiard.exceptions import WorkerLostError
+
+    with pytest.raises(WorkerLostError):
+        tasks.exits_with_its_connection_open.delay().get(timeout=30)
+
+
 # Other pools last, each pool's tests together (a class-scoped parameter): a test in
 # another pool replaces the session's worker, which the next tests reuse.
 GREEN_LEAKS = {
@@ -277,6 +291,10 @@ PLANTED = {  # test -> (the task its message names, the reason in words)
     "test_helper_process_abandons_its_session": (
         "export_in_a_helper_process",
         "left database sessions the server counts as abandoned",
+    ),
+    "test_process_dies_with_its_connection_open": (
+        "exits_with_its_connection_open",
+        "more in sessions_abandoned",
     ),
     **{
         f"TestPool::test_leaks_connection[{pool}]": (task, "leaked a database connection")
@@ -381,7 +399,7 @@ def test_planted_bugs_fail_clean_tests_pass(
     reason in words; clean tests, a test with no task and an allowed reason pass."""
     write_project(pytester, project_db, redis_url)
     started = time.monotonic()
-    result = pytester.runpytest_subprocess("-rA", timeout=240)
+    result = pytester.runpytest_subprocess("-rA", "--durations=0", timeout=240)
     elapsed = time.monotonic() - started
     output = result.stdout.str()
     seen = outcomes(output)
@@ -407,6 +425,10 @@ def test_planted_bugs_fail_clean_tests_pass(
     greenlet = failures.split("_ TestPool.test_leaks_connection[gevent] _", 1)[1]
     assert "opened by thread 'Greenlet-" in greenlet.split("\n_____", 1)[0]
     assert "cannot read" not in output  # every check could run
+    # A task whose process died is not waited for (lifeguard_wait, 10 s): no done line
+    # comes, and the plugin sees the process is gone.
+    died = re.search(r"([\d.]+)s call +test_tasks.py::test_process_dies_with_its", output)
+    assert died is not None and float(died.group(1)) < 5, output
     # warn=True: the same finding, as a warning of a passing test.
     warned = output.split("warnings summary", 1)[1]
     assert "test_open_transaction_warned" in warned and "LifeguardWarning" in warned

@@ -105,6 +105,8 @@ class SessionWorker:
         self.offsets: dict[Path, int] = {}
         self.by_task: dict[str, list[Event]] = defaultdict(list)  # task id -> its events
         self.done: dict[str, Event] = {}
+        self.started: dict[str, int] = {}  # task id -> pid of the process running it
+        self.lost: dict[str, int] = {}  # task id -> pid of the process that died in it
         self.seq = 0
         self.published: list[tuple[str, str]] = []  # (task id, task name)
         self._lock = threading.Lock()
@@ -193,6 +195,8 @@ class SessionWorker:
                 self.by_task[task_id].append(event)
                 if record.get("kind") == "done":
                     self.done[task_id] = event
+                elif record.get("kind") == "start":
+                    self.started[task_id] = pid
 
     def wait_done(self, ids: list[str], timeout: float) -> list[str]:
         """Wait until every task of ``ids`` has run its last phase; the ids still not done."""
@@ -201,12 +205,24 @@ class SessionWorker:
         while True:
             self.read()
             missing = [task_id for task_id in ids if task_id not in self.done]
+            if missing and pause >= 0.008:  # ~15 ms late: did its process die in it?
+                missing = self._not_lost(missing)
             if not missing or time.monotonic() > deadline:
                 return missing
             if self.worker.process is not None and self.worker.process.poll() is not None:
                 return missing
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+
+    def _not_lost(self, missing: list[str]) -> list[str]:
+        """``missing`` without the tasks whose process died while running them (an
+        ``os._exit``, a signal, the OOM killer): no ``done`` line will come for those."""
+        alive = set(self.pids())
+        for task_id in missing:
+            pid = self.started.get(task_id)
+            if pid is not None and pid not in alive:
+                self.lost[task_id] = pid
+        return [task_id for task_id in missing if task_id not in self.lost]
 
     def settle(self, ids: list[str], timeout: float) -> list[str]:
         """Wait for ``ids`` and every task they sent, transitively (a chain's links);
@@ -236,6 +252,8 @@ class SessionWorker:
         events = [event for task_id in ids for event in self.by_task.pop(task_id, ())]
         for task_id in ids:
             self.done.pop(task_id, None)
+            self.started.pop(task_id, None)
+            self.lost.pop(task_id, None)
         for event in events:
             record = event.record
             task_id = record["task_id"]
