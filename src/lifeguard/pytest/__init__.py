@@ -104,6 +104,9 @@ class _State:
         self.app: Any = None
         self.activity: ActivityReader | None = None
         self.sessions_check = True
+        # The figures read at the running test's first publish, or why they could not be.
+        self.before: SessionEnds | None = None
+        self.before_error: Exception | None = None
         # The bad session ends read after the last checked test, and that test's id.
         self.last_ends: tuple[SessionEnds, str] | None = None
 
@@ -185,7 +188,9 @@ class _State:
             databases=databases,
             rootdir=str(self.config.rootpath),
             queues=list(self.config.getini("lifeguard_queues")),
-        ).start()
+        )
+        self.worker.on_first_publish = self.note_session_ends
+        self.worker.start()
         return self.worker
 
     def _database_check_failed(self, what: str, exc: Exception) -> None:
@@ -206,38 +211,38 @@ class _State:
             stacklevel=1,
         )
 
-    def session_ends_before(self, item: pytest.Item) -> SessionEnds | None:
-        """The database's bad session ends before the test. Sessions that ended badly
-        after the previous test's check (a process its tasks started that outlived
-        them) are not the new test's: they become a warning naming that test."""
-        now = self._read_session_ends()
-        if now is None:
-            return None
-        if self.last_ends is not None:
-            previous, test = self.last_ends
-            late = sessions_abandoned(previous, now, test)
-            self.last_ends = None
-            if late:
-                lines = "\n".join(f"    seen in {line}" for line in late[0].where)
-                warnings.warn(
-                    LifeguardWarning(
-                        f"lifeguard: database sessions ended badly after {test} was "
-                        "checked (a process or thread its tasks started that outlived "
-                        f"them?), before this test began:\n{lines}"
-                    ),
-                    stacklevel=1,
-                )
-        return now
-
-    def _read_session_ends(self) -> SessionEnds | None:
-        """The figures now, or None when the check is off (or just turned off)."""
+    def note_session_ends(self) -> None:
+        """At a test's first publish (``SessionWorker.on_first_publish``), before its
+        first task goes out: the session figures its tasks' are compared with. Only
+        tests that send tasks pay for the read; a failure is reported after the test,
+        never inside the publish."""
+        self.before = None
         if self.activity is None or not self.sessions_check:
-            return None
+            return
         try:
-            return self.activity.session_ends()
+            self.before = self.activity.session_ends()
         except Exception as exc:
-            self._sessions_unreadable(exc)
-            return None
+            self.before_error = exc
+
+    def _late_session_ends(self, before: SessionEnds) -> None:
+        """Sessions that ended badly after the previous checked test's read and before
+        this test's tasks went out (a process or thread its tasks started that outlived
+        them) are not this test's: a warning names that test."""
+        if self.last_ends is None:
+            return
+        previous, test = self.last_ends
+        self.last_ends = None
+        late = sessions_abandoned(previous, before, test)
+        if late:
+            lines = "\n".join(f"    seen in {line}" for line in late[0].where)
+            warnings.warn(
+                LifeguardWarning(
+                    f"lifeguard: database sessions ended badly after {test} was checked "
+                    "(a process or thread its tasks started that outlived them?), before "
+                    f"this test sent its tasks:\n{lines}"
+                ),
+                stacklevel=1,
+            )
 
     def _sessions_unreadable(self, exc: Exception) -> None:
         import psycopg
@@ -256,25 +261,30 @@ class _State:
             self._database_check_failed("pg_stat_database", exc)
 
     def database_findings(
-        self,
-        item: pytest.Item,
-        worker: SessionWorker,
-        sent: list[tuple[str, str]],
-        before: SessionEnds | None,
+        self, item: pytest.Item, worker: SessionWorker, sent: list[tuple[str, str]]
     ) -> list[Finding]:
         """What the database shows after the test's tasks: backends of the worker idle
-        in transaction, sessions that ended badly while the tasks ran."""
+        in transaction, sessions that ended badly while the tasks ran (one round trip)."""
+        before, self.before = self.before, None
+        if self.before_error is not None:
+            error, self.before_error = self.before_error, None
+            self._sessions_unreadable(error)
         if self.activity is None:
             return []
         names = " or ".join(sorted({name for _, name in sent}))
+        pids = worker.pids()
+        after: SessionEnds | None = None
+        rows = None
         try:
-            found = self.activity.idle_in_transaction(worker.pids(), names)
+            if before is not None and self.sessions_check:
+                rows, after = self.activity.after_test(pids)
+            found = self.activity.idle_in_transaction(pids, names, rows)
         except Exception as exc:
-            self._database_check_failed("pg_stat_activity", exc)
+            self._database_check_failed("pg_stat_activity and pg_stat_database", exc)
             return []
-        after = self._read_session_ends() if before is not None else None
         if before is None or after is None:
             return found
+        self._late_session_ends(before)
         self.last_ends = (after, item.nodeid)
         return found + sessions_abandoned(before, after, names)
 
@@ -401,10 +411,9 @@ def _lifeguard_auto(request: pytest.FixtureRequest) -> None:
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     state = item.config.stash[_STATE]
     worker = state.worker
-    before: SessionEnds | None = None
     if worker is not None:
         worker.take_published()  # tasks sent by fixtures' setup are the fixture's own
-        before = state.session_ends_before(item)
+        state.before = state.before_error = None  # the test's first publish reads them
     result = yield
     worker = state.worker
     if worker is None:
@@ -415,7 +424,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     if ids:
         ids = worker.settle(ids, float(item.config.getini("lifeguard_wait")))
         findings = worker.findings(ids)
-        findings += state.database_findings(item, worker, sent, before)
+        findings += state.database_findings(item, worker, sent)
     settings = state.settings(item)
     findings = [f for f in findings if f.check not in settings.allow]
     if findings:

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ class SessionWorker:
         self.lost: dict[str, int] = {}  # task id -> pid of the process that died in it
         self.seq = 0
         self.published: list[tuple[str, str]] = []  # (task id, task name)
+        # Called before the first task published since take_published() goes out.
+        self.on_first_publish: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self.nodename = f"lifeguard-pytest-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         env = {
@@ -165,7 +168,11 @@ class SessionWorker:
         task_id = (headers or {}).get("id")
         if task_id:
             with self._lock:
+                first = not self.published
                 self.published.append((str(task_id), str((headers or {}).get("task"))))
+            if first and self.on_first_publish is not None:
+                with contextlib.suppress(Exception):  # never in the way of a publish
+                    self.on_first_publish()
 
     def take_published(self) -> list[tuple[str, str]]:
         """The (id, name) of the tasks published since the last call."""
@@ -325,6 +332,11 @@ def sessions_abandoned(before: SessionEnds, after: SessionEnds, tasks: str) -> l
     return [Finding("sessions_abandoned", tasks, None, None, where)] if where else []
 
 
+_IDLE_COLUMNS = "a.pid, a.xact_start, a.application_name, a.datname, a.state, left(a.query, 200)"
+# The worker's backends (lifeguard's application_name ends in ":<pid>").
+_IDLE_WHERE = "a.state LIKE 'idle in transaction%%' AND a.application_name LIKE ANY(%s)"
+
+
 class ActivityReader:
     """One autocommit session of the test process that reads pg_stat_activity and
     pg_stat_database around each test (a new session per test would cost more than the
@@ -365,13 +377,29 @@ class ActivityReader:
         return list(
             self.connection()
             .execute(
-                "SELECT pid, xact_start, application_name, datname, state, left(query, 200) "
-                "FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%' "
-                "AND application_name LIKE ANY(%s)",
+                f"SELECT {_IDLE_COLUMNS} FROM pg_stat_activity a WHERE {_IDLE_WHERE}",
                 [suffixes],
             )
             .fetchall()
         )
+
+    def after_test(self, pids: list[int]) -> tuple[list[tuple[Any, ...]], SessionEnds]:
+        """pg_stat_activity's idle-in-transaction rows of ``pids`` and the session
+        figures, in one round trip (the database's row, joined to the idle backends)."""
+        suffixes = [f"%:{pid}" for pid in pids]
+        rows = (
+            self.connection()
+            .execute(
+                "SELECT d.datname, d.sessions_abandoned, d.sessions_fatal, "
+                f"{_IDLE_COLUMNS} FROM pg_stat_database d "
+                f"LEFT JOIN pg_stat_activity a ON {_IDLE_WHERE} "
+                "WHERE d.datname = current_database()",
+                [suffixes],
+            )
+            .fetchall()
+        )
+        ends = SessionEnds(str(rows[0][0]), int(rows[0][1]), int(rows[0][2]))
+        return [row[3:] for row in rows if row[3] is not None], ends
 
     def close(self) -> None:
         if self.conn is not None:
@@ -379,12 +407,16 @@ class ActivityReader:
                 self.conn.close()
             self.conn = None
 
-    def idle_in_transaction(self, pids: list[int], tasks: str) -> list[Finding]:
-        """Backends of the worker's processes idle in transaction now; ``tasks`` names
-        the tasks the test sent (the backend's own task is not known). Each transaction
-        is reported once, in the first test after it began, not again in every later
-        test while it lasts."""
-        return idle_in_transaction(self.rows(pids) if pids else [], tasks, self.reported)
+    def idle_in_transaction(
+        self, pids: list[int], tasks: str, rows: list[tuple[Any, ...]] | None = None
+    ) -> list[Finding]:
+        """Backends of the worker's processes idle in transaction now (``rows`` when
+        read already); ``tasks`` names the tasks the test sent (the backend's own task
+        is not known). Each transaction is reported once, in the first test after it
+        began, not again in every later test while it lasts."""
+        if rows is None:
+            rows = self.rows(pids) if pids else []
+        return idle_in_transaction(rows, tasks, self.reported)
 
 
 def idle_in_transaction(
