@@ -108,23 +108,41 @@ def report_times_out():
         cursor.execute("SELECT pg_sleep(5)")  # the server cancels it: the task fails
 
 
-@app.task
-def export_in_a_helper_process():
+def export_connection():
+    # A raw psycopg connection, as the helper process an export forks opens.
     import psycopg
     from django.conf import settings
 
     db = settings.DATABASES["default"]
+    return psycopg.connect(
+        host=db["HOST"], port=db["PORT"], user=db["USER"],
+        password=db["PASSWORD"] or None, dbname=db["NAME"],
+    )
+
+
+@app.task
+def export_in_a_helper_process():
     pid = os.fork()
     if pid == 0:  # the helper connects, then is gone without closing (killed, crashed)
         try:
-            conn = psycopg.connect(
-                host=db["HOST"], port=db["PORT"], user=db["USER"],
-                password=db["PASSWORD"] or None, dbname=db["NAME"],
-            )
+            conn = export_connection()  # held: a dropped one would close cleanly
             conn.execute("SELECT 1")
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+    return 1
+
+
+@app.task
+def helper_outlives_the_task():
+    pid = os.fork()
+    if pid == 0:  # connects, outlives the task and its test's check, exits unclosed
+        try:
+            conn = export_connection()  # held: a dropped one would close cleanly
+            conn.execute("SELECT 1")
+            time.sleep(0.3)
+        finally:
+            os._exit(0)
     return 1
 
 
@@ -243,6 +261,17 @@ def test_helper_process_on_purpose():
     assert tasks.export_in_a_helper_process.delay().get(timeout=30) == 1
 
 
+def test_helper_outlives_its_task():
+    assert tasks.helper_outlives_the_task.delay().get(timeout=30) == 1
+
+
+def test_clean_after_a_late_helper():
+    import time
+
+    time.sleep(0.6)  # the earlier test's helper has exited meanwhile
+    assert tasks.clean.delay(1).get(timeout=30) == 1
+
+
 def test_process_dies_with_its_connection_open():
     from billiard.exceptions import WorkerLostError
 
@@ -317,6 +346,8 @@ CLEAN = {
     "test_open_transaction_warned",
     "test_bounded_cache",
     "test_helper_process_on_purpose",
+    "test_helper_outlives_its_task",  # its helper's session ends after the check
+    "test_clean_after_a_late_helper",  # ... and becomes a warning here
     *(f"TestPool::test_runs_tasks_in_its_pool[{pool}]" for pool in GREEN_POOLS),
 }
 
@@ -433,6 +464,11 @@ def test_planted_bugs_fail_clean_tests_pass(
     warned = output.split("warnings summary", 1)[1]
     assert "test_open_transaction_warned" in warned and "LifeguardWarning" in warned
     assert "task proj.tasks.leaves_transaction_open" in warned
+    late = warned.split("test_tasks.py::test_clean_after_a_late_helper", 1)[1]
+    assert (
+        "database sessions ended badly after test_tasks.py::test_helper_outlives_its_task "
+        "was checked" in late.split("\ntest_tasks.py::", 1)[0]
+    ), warned
     # The planted bugs left nothing behind on the server: lifeguard cleaned every one.
     assert project_db.admin(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'",
@@ -628,6 +664,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 import plain
 
+pytestmark = pytest.mark.lifeguard()  # this module's tests get the worker
+
 
 def test_total():
     assert plain.total.delay().get(timeout=30) == 42
@@ -661,7 +699,8 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
     pytester: pytest.Pytester, project_db: Database, redis_url: str
 ) -> None:
     """A plain Celery app with a SQLAlchemy engine, named by a ``celery_app`` fixture
-    (no ini app), its database by ``lifeguard_database_url``: a connection left checked
+    (no ini app), its database by ``lifeguard_database_url``, the plugin on for one module
+    by its marker: a connection left checked
     out, a soft time limit mid-query, a statement timeout, a thread holding a
     transaction and a helper process abandoning its session each fail their test, naming
     the task and the reason; the clean task passes."""
@@ -671,6 +710,9 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
             "conftest.py": "import pytest\n\n\n@pytest.fixture(scope='session')\n"
             "def celery_app():\n    import plain\n\n    return plain.app\n",
             "test_plain.py": SQLA_SUITE,
+            # A test that does not use the worker: what it sends is not waited for.
+            "test_elsewhere.py": "import plain\n\n\ndef test_sends_to_another_queue():\n"
+            "    plain.total.apply_async(queue='nobody-consumes-this')\n",
         }
     )
     url = project_db.server.url(project_db.name, scheme="postgresql+psycopg")
@@ -679,7 +721,6 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
     pytester.makeini(
         f"""
         [pytest]
-        lifeguard = true
         lifeguard_database_url = {url}
         pythonpath = .
         addopts = -p lifeguard.pytest -p no:cacheprovider -p no:django
@@ -693,7 +734,7 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        result = pytester.runpytest_subprocess("-rA", timeout=240)
+        result = pytester.runpytest_subprocess("-rA", "--durations=0", timeout=240)
     output = result.stdout.str() + result.stderr.str()
     planted = {  # test -> what its failure says
         "test_forgets_its_connection": [
@@ -726,6 +767,10 @@ def test_plain_celery_sqlalchemy_app_from_a_celery_app_fixture(
         section = output.split(f"_ {test} _", 1)[1].split("\n_____", 1)[0]
         assert all(word in section for word in words), section
     assert "cannot read" not in output
+    # Not a test of the worker (no marker, no fixture): not waited for lifeguard_wait.
+    assert outcomes(output, "test_elsewhere") == {"test_sends_to_another_queue": "PASSED"}
+    elsewhere = re.search(r"([\d.]+)s call +test_elsewhere.py::", output)
+    assert elsewhere is None or float(elsewhere.group(1)) < 5, output
 
 
 def test_unknown_check_name_is_a_usage_error(pytester: pytest.Pytester) -> None:

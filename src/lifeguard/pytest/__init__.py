@@ -298,6 +298,7 @@ class _State:
 
 
 _STATE = pytest.StashKey[_State]()
+_CHECKED = pytest.StashKey[bool]()  # on a test that got the worker: check it after
 
 
 def _has_fixture(request: pytest.FixtureRequest, name: str) -> bool:
@@ -395,6 +396,7 @@ def lifeguard_worker(request: pytest.FixtureRequest, _lifeguard_session: _State)
     pool replaces it). Tasks the test sends are checked after it.
     """
     settings = _lifeguard_session.settings(request.node)
+    request.node.stash[_CHECKED] = True
     return _lifeguard_session.worker_for(request, settings.pool)
 
 
@@ -419,6 +421,10 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     if worker is None:
         return result
     sent = worker.take_published()
+    if not item.stash.get(_CHECKED, False):
+        # Not a test of the worker: its tasks (a celery_worker fixture's in-process
+        # worker, a mocked publish) are not waited for, nor checked.
+        return result
     ids = [task_id for task_id, _ in sent]
     findings: list[Finding] = []
     if ids:
