@@ -2,11 +2,14 @@
 
 The main project is a Django + PostgreSQL Celery app with lifeguard, in a scratch
 database. Its suite runs in a subprocess with the plugin enabled by two ini lines,
-against one real prefork worker: exactly the planted tests fail, each naming its task
-and reason; the clean ones pass, ``allow=`` turns a planted failure into a pass and
+against one real prefork worker, then threads, gevent and eventlet workers: exactly the
+planted tests fail (a transaction left open, a connection leaked by a thread or
+greenlet, a soft time limit mid-query, a statement timeout, 1 MiB kept per run, a
+helper process and a dying process abandoning their sessions), each naming its task and
+reason; the clean ones pass, ``allow=`` turns a planted failure into a pass and
 ``warn=True`` into a warning. Beside it: the same under pytest-django (the worker in the
 test database), and a plain Celery app with a SQLAlchemy engine named by a
-``celery_app`` fixture.
+``celery_app`` fixture, its database by ``lifeguard_database_url``.
 """
 
 from __future__ import annotations

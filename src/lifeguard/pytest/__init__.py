@@ -12,9 +12,10 @@ Every test then sends its tasks to one real ``celery worker`` of ``proj.celery``
 lifeguard installed (prefork unless a marker or ``lifeguard_pool`` says otherwise),
 started once per session. After each test that sent tasks, what lifeguard saw inside the
 worker while running them (a transaction left open, a statement interrupted, a
-connection leaked by a thread, a task failing on a database fault, a backend still idle
-in transaction) fails the test, naming the task, the reason and where. See
-docs/pytest.md.
+connection leaked by a thread or greenlet, a task failing on a database fault) and what
+the database shows (a backend still idle in transaction, sessions the server counted as
+abandoned or fatal while the tasks ran) fails the test, naming the task, the reason and
+where. See docs/pytest.md.
 """
 
 from __future__ import annotations
