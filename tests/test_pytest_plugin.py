@@ -133,17 +133,20 @@ def export_in_a_helper_process():
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+    time.sleep(0.05)  # the upload after the export (the server has seen the helper go)
     return 1
 
 
 @app.task
-def helper_outlives_the_task():
+def helper_outlives_the_task(go):
     pid = os.fork()
     if pid == 0:  # connects, outlives the task and its test's check, exits unclosed
         try:
             conn = export_connection()  # held: a dropped one would close cleanly
             conn.execute("SELECT 1")
-            time.sleep(0.3)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the next test says go
         finally:
             os._exit(0)
     return 1
@@ -188,6 +191,10 @@ def greenlet_leaks_connection(library):
 """
 
 SUITE = """
+import os
+import tempfile
+import time
+
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -264,14 +271,17 @@ def test_helper_process_on_purpose():
     assert tasks.export_in_a_helper_process.delay().get(timeout=30) == 1
 
 
+HELPER_GO = os.path.join(tempfile.gettempdir(), f"lifeguard-helper-go-{os.getpid()}")
+
+
 def test_helper_outlives_its_task():
-    assert tasks.helper_outlives_the_task.delay().get(timeout=30) == 1
+    assert tasks.helper_outlives_the_task.delay(HELPER_GO).get(timeout=30) == 1
 
 
 def test_clean_after_a_late_helper():
-    import time
-
-    time.sleep(0.6)  # the earlier test's helper has exited meanwhile
+    open(HELPER_GO, "w").close()  # the earlier test's helper exits now
+    time.sleep(0.5)
+    os.unlink(HELPER_GO)
     assert tasks.clean.delay(1).get(timeout=30) == 1
 
 
@@ -515,6 +525,10 @@ def where():
 """
 
 DJANGO_SUITE = """
+import os
+import tempfile
+import time
+
 import pytest
 from django.contrib.auth.models import User
 from django.db import connection
@@ -658,10 +672,15 @@ def export_in_a_helper_process():
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+    time.sleep(0.05)  # the upload after the export (the server has seen the helper go)
     return 1
 """
 
 SQLA_SUITE = """
+import os
+import tempfile
+import time
+
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
