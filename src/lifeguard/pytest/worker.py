@@ -212,7 +212,7 @@ class SessionWorker:
         while True:
             self.read()
             missing = [task_id for task_id in ids if task_id not in self.done]
-            if missing and pause >= 0.008:  # ~15 ms late: did its process die in it?
+            if missing and pause >= 0.008:  # ~8 ms late: did its process die in it?
                 missing = self._not_lost(missing)
             if not missing or time.monotonic() > deadline:
                 return missing
