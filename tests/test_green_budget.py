@@ -61,24 +61,29 @@ def test_gevent_100_greenlets_reuse_a_budget_of_connections(
     assert test_db.sessions() - before <= 10
 
 
-def test_gevent_200_greenlets_holding_connections_stay_under_a_budget_of_10(
+def test_gevent_1000_greenlets_holding_connections_stay_under_a_budget_of_20(
     sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
 ):
-    """Tasks that keep their connection 50 ms queue for the 10, all succeed, none extra."""
-    _green_worker(sandbox_worker, concurrency=200, green_budget=10)
+    """-c 1000, green_budget=20, 400 tasks that each keep their connection busy 50 ms on
+    the server (pg_sleep): they queue for the 20, every one succeeds, and the worker's
+    backends sampled from pg_stat_activity never pass 20."""
+    _green_worker(sandbox_worker, concurrency=1000, green_budget=20)
     stop, peak = threading.Event(), [0]
     sampler = threading.Thread(target=peak_backends, args=(test_db, prefix, stop, peak))
     sampler.start()
     try:
-        pending = [tasks.send("hold", 0.05) for _ in range(600)]
-        values = [r.get(timeout=120) for r in pending]
+        pending = [tasks.send("sleep_query", 0.05) for _ in range(400)]
+        for result in pending:
+            result.get(timeout=60)
+        states = {result.state for result in pending}
     finally:
         stop.set()
         sampler.join()
-    assert len(values) == 600
-    assert 1 <= peak[0] <= 10, peak[0]
+    assert states == {"SUCCESS"}
+    assert 1 <= peak[0] <= 20, peak[0]
     stats = tasks.run("guard_stats")["django"]["aliases"]["default"]["green"]
-    assert stats["waits"] > 0 and stats["peak_in_use"] <= 10 and stats["wait_timeouts"] == 0
+    assert stats["waits"] > 0 and stats["wait_timeouts"] == 0
+    assert stats["budget"] == 20 and stats["peak_in_use"] <= 20
 
 
 def test_exhausted_budget_fails_with_an_error_naming_it(
@@ -94,14 +99,28 @@ def test_exhausted_budget_fails_with_an_error_naming_it(
         metrics_port=port,
         metrics_address="127.0.0.1",
     )
-    holders = [tasks.send("hold", 3) for _ in range(2)]
-    time.sleep(1.0)  # both holders have their connection
-    state, error = tasks.outcome("touch")
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=peak_backends, args=(test_db, prefix, stop, peak))
+    sampler.start()
+    try:
+        holders = [tasks.send("hold", 3) for _ in range(2)]
+        time.sleep(1.0)  # both holders have their connection
+        asked = time.monotonic()
+        state, error = tasks.outcome("touch")
+        waited = time.monotonic() - asked
+        assert [r.get(timeout=30) for r in holders]
+    finally:
+        stop.set()
+        sampler.join()
     assert state == "FAILURE"
+    # It gave up after its 0.5 s, while both holders still had ~2 s to go: no hang.
+    assert waited < 1.8, waited
     assert type(error).__name__ == "GreenBudgetExhausted"
-    assert "green_budget=2" in str(error) and "green_wait_timeout" in str(error)
-    assert len(test_db.backends(prefix)) <= 2
-    assert [r.get(timeout=30) for r in holders]
+    # The message names the budget and the options, as the user writes them.
+    message = str(error)
+    assert "green_budget=2" in message and "green_wait_timeout" in message
+    assert "CELERY_LIFEGUARD_GREEN_BUDGET" in message
+    assert peak[0] <= 2, peak[0]  # never a third backend for the waiter
     assert len(tasks.run_many("touch", 20)) == 20
     # The metrics endpoint shows the wait that failed and the peak.
     alias = (("alias", "default"),)
