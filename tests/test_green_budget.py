@@ -206,3 +206,42 @@ def test_sqlalchemy_queuepool_smaller_than_the_green_concurrency_is_reported(
     )
     assert "pool_timeout=5s" in worker.log
     assert len(test_db.backends(prefix)) <= 2 * 2  # two engines in the harness app
+
+
+def test_sqlalchemy_engine_too_big_for_the_server_and_a_greenlet_that_leaks(
+    sqla_worker, sqla_tasks: SandboxTasks, test_db: Database, prefix
+):
+    """gevent -c 1000, pool_size 2 + max_overflow 198, pool_timeout=None: the unbounded
+    wait and the 200 connections the server has no slots for are said with what to
+    change; a connection a spawned greenlet never returned is a leak of the task that
+    spawned it, rolled back and given back like a task's own."""
+    engine_args = json.dumps({"max_overflow": 198, "pool_timeout": None})
+    worker = sqla_worker(
+        pool="gevent",
+        concurrency=1000,
+        pool_size=2,
+        async_tasks=False,
+        env={"LIFEGUARD_SANDBOX_ENGINE_ARGS": engine_args},
+    )
+    assert len(sqla_tasks.run_many("touch", 20)) == 20
+    log = " ".join(worker.log.split())
+    assert "and pool_timeout=None: a greenlet past 200 waits forever" in log
+    assert "Set pool_timeout" in log
+    # max_connections is 100 here: 200 connections can never fit.
+    assert "may open 200 connections in this gevent -c 1000 process" in log
+    assert "set pool_size + max_overflow to at most" in log and "max_connections=" in log
+
+    backend = sqla_tasks.run("leak_in_greenlet", "green-leaked-write")
+    assert sqla_tasks.run("count_items", "green-leaked-write") == 0  # rolled back
+    assert backend in {b.pid for b in test_db.backends(prefix)}  # given back, kept warm
+    assert _idle_in_transaction(test_db, prefix) == []
+    log = " ".join(worker.log.split())
+    assert "task tests.harness.sqla_app.leak_in_greenlet leaked a connection of" in log
+    assert "checked out by greenlet" in log
+    # A task's own leak under gevent is reported the same way as under prefork.
+    sqla_tasks.run("leak_connection", "green-task-leak")
+    assert sqla_tasks.run("count_items", "green-task-leak") == 0
+    stats = sqla_tasks.run("guard_stats")["tasks"]
+    assert stats["tests.harness.sqla_app.leak_in_greenlet"]["leaks_found"] == 1
+    assert stats["tests.harness.sqla_app.leak_connection"]["leaks_found"] == 1
+    assert _idle_in_transaction(test_db, prefix) == []
