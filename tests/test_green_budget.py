@@ -29,6 +29,11 @@ def _idle_in_transaction(db: Database, prefix: str) -> list[int]:
     return [b.pid for b in db.backends(prefix) if b.state.startswith("idle in transaction")]
 
 
+def _discarded(tasks: SandboxTasks, reason: str) -> int:
+    """Connections the worker's process discarded for ``reason`` so far."""
+    return int(tasks.run("guard_stats")["process"]["connections_discarded"].get(reason, 0))
+
+
 def _open_transaction_then_terminated_backends(
     tasks: SandboxTasks, db: Database, prefix: str
 ) -> None:
@@ -140,11 +145,35 @@ def test_gevent_faults_with_reuse_on(
     state, _ = tasks.outcome("sleep_query", 4, time_limit=1)
     assert state == "FAILURE"
     assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
+    # A soft limit (a gevent.Timeout raising SoftTimeLimitExceeded: Celery's gevent pool
+    # applies only the hard one) mid-query: the query is cancelled on the server, the
+    # interrupted connection is closed, and the task's clean-up query gets a sound one.
+    found = tasks.run("sleep_query_soft_limited", 4, 0.5)
+    interrupted, cleanup = found["interrupted"]["backend"], found["cleanup"]["backend"]
+    assert cleanup != interrupted
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
+    assert interrupted not in {b.pid for b in test_db.backends(prefix)}
+    assert interrupted not in {r["backend"] for r in tasks.run_many("touch", 10)}
+    process = tasks.run("guard_stats")["process"]
+    assert process["queries_cancelled"] == 2  # the hard limit's and the soft one's
+    assert process["connections_discarded"]["interrupted"] == 2
     # An exception inside atomic(): rolled back by Django; the connection may be shared.
     state, _ = tasks.outcome("fail_in_atomic", "green-atomic")
     assert state == "FAILURE"
     assert tasks.run("count_items", "green-atomic") == 0
     _open_transaction_then_terminated_backends(tasks, test_db, prefix)
+    # The server ends the set's idle connections (idle_session_timeout): each is
+    # replaced before a task trips on it.
+    test_db.admin(f"ALTER DATABASE \"{test_db.name}\" SET idle_session_timeout = '500ms'")
+    try:
+        test_db.terminate(prefix)  # new sessions take the setting
+        assert len(tasks.run_many("touch", 10)) == 10
+        closed_before = _discarded(tasks, "server_closed")
+        time.sleep(1.2)
+        assert len(tasks.run_many("touch", 20)) == 20
+    finally:
+        test_db.admin(f'ALTER DATABASE "{test_db.name}" RESET idle_session_timeout')
+    assert _discarded(tasks, "server_closed") > closed_before
     assert len(test_db.backends(prefix)) <= 3
 
 
