@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from _harness import run_benchmark
+from _harness import Results, run_benchmark
 from lifeguard.demo.project import TASKS, sandbox_worker
 from lifeguard.demo.worker import CeleryWorker
 
@@ -92,7 +92,7 @@ def main() -> None:
     args, med, tls = results.args, results.medians, results.tls
     if not gevent_only:
         prefork_table(args, med, tls)
-    gevent_table(args, med, tls)
+    gevent_table(results)
 
 
 def prefork_table(args: Any, med: dict[str, tuple[float, float]], tls: str) -> None:
@@ -124,7 +124,9 @@ def prefork_table(args: Any, med: dict[str, tuple[float, float]], tls: str) -> N
     print(f"lifeguard sessions / 1,000 tasks: {per_k:.1f}  (target <= {args.concurrency})")
 
 
-def gevent_table(args: Any, med: dict[str, tuple[float, float]], tls: str) -> None:
+def gevent_table(results: Results) -> None:
+    args, med, tls = results.args, results.medians, results.tls
+
     def ratio(a: str, b: str) -> float:
         return med[a][0] / med[b][0]
 
@@ -141,6 +143,7 @@ def gevent_table(args: Any, med: dict[str, tuple[float, float]], tls: str) -> No
     glg, gceil = GEVENT_CONFIGS[2].label, GEVENT_CONFIGS[1].label
     print()
     print(f"gevent lifeguard / no-DB ceiling: {ratio(glg, gceil):.2f}x  (target >= 0.85x)")
+    print(f"  the same, round by round:       {results.paired_ratio(glg, gceil):.2f}x  (median)")
     print(f"gevent lifeguard / stock:         {ratio(glg, GEVENT_CONFIGS[0].label):.2f}x")
     print(f"gevent lifeguard new sessions:    {med[glg][1]:.0f}  (target <= the budget, 10)")
 
