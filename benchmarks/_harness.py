@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lifeguard.demo.postgres import EmbeddedPostgres, PostgresServer
@@ -137,6 +137,13 @@ class Results:
     args: Any  # the parsed command line
     tls: str  # how the server was reached, for the table's caption
     medians: dict[str, tuple[float, float]]  # label -> (tasks/s, new sessions)
+    rounds: dict[str, list[Measure]] = field(default_factory=dict)  # label -> per round
+
+    def paired_ratio(self, label: str, against: str) -> float:
+        """The median over rounds of ``label``'s tasks/s over ``against``'s in the same
+        round: on a shared machine, load drifts between rounds more than within one."""
+        pairs = zip(self.rounds[label], self.rounds[against], strict=True)
+        return statistics.median(a.tasks_per_s / b.tasks_per_s for a, b in pairs)
 
 
 WorkerBuilder = Callable[[Any, str, str, int], tuple[CeleryWorker, str]]
@@ -171,4 +178,4 @@ def run_benchmark(description: str, configs: Sequence[Any], build: WorkerBuilder
     finally:
         embedded.destroy()
     tls = "TLS + scram-sha-256" if server.tls else "plaintext + scram-sha-256"
-    return Results(args, tls, {label: medians(ms) for label, ms in measures.items()})
+    return Results(args, tls, {label: medians(ms) for label, ms in measures.items()}, measures)

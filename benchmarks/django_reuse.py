@@ -20,15 +20,18 @@ New server sessions come from pg_stat_database.sessions, read after the worker s
 (every session's statistics are flushed by then).
 
     python benchmarks/django_reuse.py --tasks 2000 --runs 3
+    python benchmarks/django_reuse.py --tasks 2000 --runs 3 --gevent-only
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from _harness import run_benchmark
+from _harness import Results, run_benchmark
 from lifeguard.demo.project import TASKS, sandbox_worker
 from lifeguard.demo.worker import CeleryWorker
 
@@ -81,8 +84,18 @@ def build(config: Config, db_url: str, redis: str, concurrency: int) -> tuple[Ce
 
 
 def main() -> None:
-    results = run_benchmark(__doc__.split("\n")[0], CONFIGS, build)
+    gevent_only = "--gevent-only" in sys.argv  # only the gevent rows
+    if gevent_only:
+        sys.argv.remove("--gevent-only")
+    configs = GEVENT_CONFIGS if gevent_only else CONFIGS
+    results = run_benchmark(__doc__.split("\n")[0], configs, build)
     args, med, tls = results.args, results.medians, results.tls
+    if not gevent_only:
+        prefork_table(args, med, tls)
+    gevent_table(results)
+
+
+def prefork_table(args: Any, med: dict[str, tuple[float, float]], tls: str) -> None:
     print(
         f"\nprefork, concurrency {args.concurrency}, {args.tasks} one-query tasks, "
         f"PostgreSQL over {tls}, median of {args.runs} runs\n"
@@ -110,7 +123,17 @@ def main() -> None:
     per_k = med[lg][1] * 1000 / (args.tasks + 20)
     print(f"lifeguard sessions / 1,000 tasks: {per_k:.1f}  (target <= {args.concurrency})")
 
-    print(f"\ngevent, concurrency {GREEN_CONCURRENCY}, same tasks and server\n")
+
+def gevent_table(results: Results) -> None:
+    args, med, tls = results.args, results.medians, results.tls
+
+    def ratio(a: str, b: str) -> float:
+        return med[a][0] / med[b][0]
+
+    print(
+        f"\ngevent, concurrency {GREEN_CONCURRENCY}, {args.tasks} one-query tasks, "
+        f"PostgreSQL over {tls}, median of {args.runs} runs\n"
+    )
     print("| configuration | tasks/s | new sessions | sessions per 1,000 tasks |")
     print("| --- | ---: | ---: | ---: |")
     for config in GEVENT_CONFIGS:
@@ -120,6 +143,7 @@ def main() -> None:
     glg, gceil = GEVENT_CONFIGS[2].label, GEVENT_CONFIGS[1].label
     print()
     print(f"gevent lifeguard / no-DB ceiling: {ratio(glg, gceil):.2f}x  (target >= 0.85x)")
+    print(f"  the same, round by round:       {results.paired_ratio(glg, gceil):.2f}x  (median)")
     print(f"gevent lifeguard / stock:         {ratio(glg, GEVENT_CONFIGS[0].label):.2f}x")
     print(f"gevent lifeguard new sessions:    {med[glg][1]:.0f}  (target <= the budget, 10)")
 

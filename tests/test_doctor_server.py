@@ -13,12 +13,22 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from lifeguard.demo.postgres import PostgresServer, free_port
-from tests.doctor_support import CRITICAL, OK, UNKNOWN, WARNING, doctor, role, usable_slots
+from tests.doctor_support import (
+    CRITICAL,
+    OK,
+    UNKNOWN,
+    WARNING,
+    DoctorRun,
+    doctor,
+    role,
+    usable_slots,
+)
 from tests.pgbouncer_support import running_pgbouncer
-from tests.support import Database, scratch_database
+from tests.support import Database, few_slots_server, scratch_database
 
 TUNED = {
     "idle_in_transaction_session_timeout": "1min",
@@ -405,3 +415,74 @@ def test_green_workers_count_their_green_budget_not_their_concurrency(
     assert run.only("LG016")["severity"] == "critical"
     assert "4 hosts x (1 x 30) = 120" in run.only("LG016")["why"]
     assert "green budget" in run.report["context"]["budget"]["workers"][0]["how"]
+
+
+# --- gevent/eventlet: the green budget against the server's free slots ---------------------
+
+GREEN_USABLE = 17  # max_connections 20 minus 3 reserved for superusers
+GREEN_HELD = 8  # sessions another client keeps open
+
+
+@pytest.fixture(scope="module")
+def crowded_server() -> Iterator[PostgresServer]:
+    """A private server with 17 usable slots, 8 of them taken by another client."""
+    with few_slots_server(20, 3) as server:
+        held = [psycopg.connect(**server.connect_kwargs("postgres")) for _ in range(GREEN_HELD)]
+        try:
+            yield server
+        finally:
+            for conn in held:
+                conn.close()
+
+
+def green_doctor(server: PostgresServer, *args: str, **settings: Any) -> DoctorRun:
+    env = {"DOCTOR_DB_URL": server.url("postgres"), "DOCTOR_SETTINGS": json.dumps(settings)}
+    return doctor("djproj", "--pool", "gevent", *args, env=env)
+
+
+def test_green_budgets_of_every_host_against_the_free_slots(crowded_server: PostgresServer):
+    """9 slots free (17 usable, 8 taken): 3 gevent hosts x green_budget 4 do not fit, 5
+    hosts do not even fit the usable slots; a default budget is said to shrink."""
+    over_free = green_doctor(
+        crowded_server, "-c", "100", "--hosts", "3", CELERY_LIFEGUARD_GREEN_BUDGET=4
+    )
+    finding = over_free.only("LG022")
+    assert finding["severity"] == "warning"
+    assert finding["title"] == (
+        "green workers may open 12 connections; the server has 9 free slots now (17 usable)"
+    )
+    assert finding["evidence"]["free_slots"] == 9
+    assert "3 hosts x 4 (the green budget of DATABASES['default']) = 12" in finding["why"]
+    assert "Lower CELERY_LIFEGUARD_GREEN_BUDGET to at most 3 per worker" in finding["fix"]
+
+    over_usable = green_doctor(
+        crowded_server, "-c", "100", "--hosts", "5", CELERY_LIFEGUARD_GREEN_BUDGET=4
+    )
+    assert over_usable.only("LG022")["severity"] == "critical"
+    assert over_usable.exit_code == CRITICAL
+
+    default = green_doctor(crowded_server, "-c", "100").only("LG022")
+    assert default["severity"] == "info"
+    assert default["title"].startswith("the default green budget will shrink: 9 slots")
+    assert "CELERY_LIFEGUARD_GREEN_BUDGET" in default["fix"]
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "settings", "level", "words"),
+    [
+        # 1,000 greenlets, 2 connections, 30 s: a burst fails past 60 ms per task.
+        ("1000", {"CELERY_LIFEGUARD_GREEN_BUDGET": 2}, "warning", "keep a connection 60 ms"),
+        ("50", {"CELERY_LIFEGUARD_GREEN_BUDGET": 80}, "info", "is above the concurrency"),
+    ],
+)
+def test_green_budget_against_the_concurrency(
+    concurrency: str, settings: dict[str, Any], level: str, words: str
+):
+    """Without a server: the budget is judged against the concurrency and the wait."""
+    env = {"DOCTOR_SETTINGS": json.dumps(settings)}
+    run = doctor("djproj", "--no-database", "--pool", "gevent", "-c", concurrency, env=env)
+
+    finding = run.only("LG022")
+    assert finding["severity"] == level
+    assert words in finding["title"]
+    assert "CELERY_LIFEGUARD_GREEN_BUDGET" in finding["fix"]

@@ -29,6 +29,11 @@ def _idle_in_transaction(db: Database, prefix: str) -> list[int]:
     return [b.pid for b in db.backends(prefix) if b.state.startswith("idle in transaction")]
 
 
+def _discarded(tasks: SandboxTasks, reason: str) -> int:
+    """Connections the worker's process discarded for ``reason`` so far."""
+    return int(tasks.run("guard_stats")["process"]["connections_discarded"].get(reason, 0))
+
+
 def _open_transaction_then_terminated_backends(
     tasks: SandboxTasks, db: Database, prefix: str
 ) -> None:
@@ -61,24 +66,29 @@ def test_gevent_100_greenlets_reuse_a_budget_of_connections(
     assert test_db.sessions() - before <= 10
 
 
-def test_gevent_200_greenlets_holding_connections_stay_under_a_budget_of_10(
+def test_gevent_1000_greenlets_holding_connections_stay_under_a_budget_of_20(
     sandbox_worker, tasks: SandboxTasks, test_db: Database, prefix
 ):
-    """Tasks that keep their connection 50 ms queue for the 10, all succeed, none extra."""
-    _green_worker(sandbox_worker, concurrency=200, green_budget=10)
+    """-c 1000, green_budget=20, 400 tasks that each keep their connection busy 50 ms on
+    the server (pg_sleep): they queue for the 20, every one succeeds, and the worker's
+    backends sampled from pg_stat_activity never pass 20."""
+    _green_worker(sandbox_worker, concurrency=1000, green_budget=20)
     stop, peak = threading.Event(), [0]
     sampler = threading.Thread(target=peak_backends, args=(test_db, prefix, stop, peak))
     sampler.start()
     try:
-        pending = [tasks.send("hold", 0.05) for _ in range(600)]
-        values = [r.get(timeout=120) for r in pending]
+        pending = [tasks.send("sleep_query", 0.05) for _ in range(400)]
+        for result in pending:
+            result.get(timeout=60)
+        states = {result.state for result in pending}
     finally:
         stop.set()
         sampler.join()
-    assert len(values) == 600
-    assert 1 <= peak[0] <= 10, peak[0]
+    assert states == {"SUCCESS"}
+    assert 1 <= peak[0] <= 20, peak[0]
     stats = tasks.run("guard_stats")["django"]["aliases"]["default"]["green"]
-    assert stats["waits"] > 0 and stats["peak_in_use"] <= 10 and stats["wait_timeouts"] == 0
+    assert stats["waits"] > 0 and stats["wait_timeouts"] == 0
+    assert stats["budget"] == 20 and stats["peak_in_use"] <= 20
 
 
 def test_exhausted_budget_fails_with_an_error_naming_it(
@@ -94,14 +104,28 @@ def test_exhausted_budget_fails_with_an_error_naming_it(
         metrics_port=port,
         metrics_address="127.0.0.1",
     )
-    holders = [tasks.send("hold", 3) for _ in range(2)]
-    time.sleep(1.0)  # both holders have their connection
-    state, error = tasks.outcome("touch")
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=peak_backends, args=(test_db, prefix, stop, peak))
+    sampler.start()
+    try:
+        holders = [tasks.send("hold", 3) for _ in range(2)]
+        time.sleep(1.0)  # both holders have their connection
+        asked = time.monotonic()
+        state, error = tasks.outcome("touch")
+        waited = time.monotonic() - asked
+        assert [r.get(timeout=30) for r in holders]
+    finally:
+        stop.set()
+        sampler.join()
     assert state == "FAILURE"
+    # It gave up after its 0.5 s, while both holders still had ~2 s to go: no hang.
+    assert waited < 1.8, waited
     assert type(error).__name__ == "GreenBudgetExhausted"
-    assert "green_budget=2" in str(error) and "green_wait_timeout" in str(error)
-    assert len(test_db.backends(prefix)) <= 2
-    assert [r.get(timeout=30) for r in holders]
+    # The message names the budget and the options, as the user writes them.
+    message = str(error)
+    assert "green_budget=2" in message and "green_wait_timeout" in message
+    assert "CELERY_LIFEGUARD_GREEN_BUDGET" in message
+    assert peak[0] <= 2, peak[0]  # never a third backend for the waiter
     assert len(tasks.run_many("touch", 20)) == 20
     # The metrics endpoint shows the wait that failed and the peak.
     alias = (("alias", "default"),)
@@ -121,11 +145,35 @@ def test_gevent_faults_with_reuse_on(
     state, _ = tasks.outcome("sleep_query", 4, time_limit=1)
     assert state == "FAILURE"
     assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
+    # A soft limit (a gevent.Timeout raising SoftTimeLimitExceeded: Celery's gevent pool
+    # applies only the hard one) mid-query: the query is cancelled on the server, the
+    # interrupted connection is closed, and the task's clean-up query gets a sound one.
+    found = tasks.run("sleep_query_soft_limited", 4, 0.5)
+    interrupted, cleanup = found["interrupted"]["backend"], found["cleanup"]["backend"]
+    assert cleanup != interrupted
+    assert test_db.running("SELECT pg_sleep", timeout=1.5) == []
+    assert interrupted not in {b.pid for b in test_db.backends(prefix)}
+    assert interrupted not in {r["backend"] for r in tasks.run_many("touch", 10)}
+    process = tasks.run("guard_stats")["process"]
+    assert process["queries_cancelled"] == 2  # the hard limit's and the soft one's
+    assert process["connections_discarded"]["interrupted"] == 2
     # An exception inside atomic(): rolled back by Django; the connection may be shared.
     state, _ = tasks.outcome("fail_in_atomic", "green-atomic")
     assert state == "FAILURE"
     assert tasks.run("count_items", "green-atomic") == 0
     _open_transaction_then_terminated_backends(tasks, test_db, prefix)
+    # The server ends the set's idle connections (idle_session_timeout): each is
+    # replaced before a task trips on it.
+    test_db.admin(f"ALTER DATABASE \"{test_db.name}\" SET idle_session_timeout = '500ms'")
+    try:
+        test_db.terminate(prefix)  # new sessions take the setting
+        assert len(tasks.run_many("touch", 10)) == 10
+        closed_before = _discarded(tasks, "server_closed")
+        time.sleep(1.2)
+        assert len(tasks.run_many("touch", 20)) == 20
+    finally:
+        test_db.admin(f'ALTER DATABASE "{test_db.name}" RESET idle_session_timeout')
+    assert _discarded(tasks, "server_closed") > closed_before
     assert len(test_db.backends(prefix)) <= 3
 
 
@@ -187,3 +235,42 @@ def test_sqlalchemy_queuepool_smaller_than_the_green_concurrency_is_reported(
     )
     assert "pool_timeout=5s" in worker.log
     assert len(test_db.backends(prefix)) <= 2 * 2  # two engines in the harness app
+
+
+def test_sqlalchemy_engine_too_big_for_the_server_and_a_greenlet_that_leaks(
+    sqla_worker, sqla_tasks: SandboxTasks, test_db: Database, prefix
+):
+    """gevent -c 1000, pool_size 2 + max_overflow 198, pool_timeout=None: the unbounded
+    wait and the 200 connections the server has no slots for are said with what to
+    change; a connection a spawned greenlet never returned is a leak of the task that
+    spawned it, rolled back and given back like a task's own."""
+    engine_args = json.dumps({"max_overflow": 198, "pool_timeout": None})
+    worker = sqla_worker(
+        pool="gevent",
+        concurrency=1000,
+        pool_size=2,
+        async_tasks=False,
+        env={"LIFEGUARD_SANDBOX_ENGINE_ARGS": engine_args},
+    )
+    assert len(sqla_tasks.run_many("touch", 20)) == 20
+    log = " ".join(worker.log.split())
+    assert "and pool_timeout=None: a greenlet past 200 waits forever" in log
+    assert "Set pool_timeout" in log
+    # max_connections is 100 here: 200 connections can never fit.
+    assert "may open 200 connections in this gevent -c 1000 process" in log
+    assert "set pool_size + max_overflow to at most" in log and "max_connections=" in log
+
+    backend = sqla_tasks.run("leak_in_greenlet", "green-leaked-write")
+    assert sqla_tasks.run("count_items", "green-leaked-write") == 0  # rolled back
+    assert backend in {b.pid for b in test_db.backends(prefix)}  # given back, kept warm
+    assert _idle_in_transaction(test_db, prefix) == []
+    log = " ".join(worker.log.split())
+    assert "task tests.harness.sqla_app.leak_in_greenlet leaked a connection of" in log
+    assert "checked out by greenlet" in log
+    # A task's own leak under gevent is reported the same way as under prefork.
+    sqla_tasks.run("leak_connection", "green-task-leak")
+    assert sqla_tasks.run("count_items", "green-task-leak") == 0
+    stats = sqla_tasks.run("guard_stats")["tasks"]
+    assert stats["tests.harness.sqla_app.leak_in_greenlet"]["leaks_found"] == 1
+    assert stats["tests.harness.sqla_app.leak_connection"]["leaks_found"] == 1
+    assert _idle_in_transaction(test_db, prefix) == []

@@ -223,3 +223,10 @@ class Hook:
     def stats(self) -> dict[str, Any] | None:
         """This hook's own figures for ``guard.stats()``, or None."""
         return None
+
+
+def unit_label(unit: Any) -> str:
+    """A thread or greenlet (:meth:`Lifecycle.current_unit`) as log lines name it."""
+    name = getattr(unit, "name", None)
+    kind = "greenlet" if hasattr(unit, "dead") else "thread"  # gevent's greenlets have names
+    return f"{kind} {name!r}" if name else f"{kind} {unit!r}"

@@ -11,6 +11,8 @@ LIFEGUARD_SANDBOX_PREFIX        application_name prefix (lifeguard), or "<prefix
 LIFEGUARD_SANDBOX_DRIVER        sync driver: psycopg (default) | psycopg2
 LIFEGUARD_SANDBOX_ASYNC_DRIVER  async driver: asyncpg (default) | psycopg
 LIFEGUARD_SANDBOX_POOL_SIZE     pool_size of both engines (default 1, no overflow)
+LIFEGUARD_SANDBOX_ENGINE_ARGS   JSON of create_engine() pool arguments over those
+                                (max_overflow, pool_timeout)
 LIFEGUARD_SANDBOX_USE_BEFORE_FORK  1: both engines run a query at import (MainProcess)
 LIFEGUARD_SANDBOX_ASYNC_TASKS   0: define no async def task (for gevent workers)
 LIFEGUARD_SANDBOX_OPTIONS       JSON of lifeguard.install() options
@@ -52,7 +54,12 @@ DB_URL = os.environ.get("LIFEGUARD_SANDBOX_DB_URL", "postgresql://postgres@127.0
 DRIVER = os.environ.get("LIFEGUARD_SANDBOX_DRIVER", "psycopg")
 ASYNC_DRIVER = os.environ.get("LIFEGUARD_SANDBOX_ASYNC_DRIVER", "asyncpg")
 POOL_SIZE = int(os.environ.get("LIFEGUARD_SANDBOX_POOL_SIZE", "1"))
-POOL = {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_timeout": 5}
+POOL = {
+    "pool_size": POOL_SIZE,
+    "max_overflow": 0,
+    "pool_timeout": 5,
+    **json.loads(os.environ.get("LIFEGUARD_SANDBOX_ENGINE_ARGS", "{}")),
+}
 
 
 def driver_url(driver: str) -> Any:
@@ -228,10 +235,29 @@ _leaked: list[Any] = []
 @app.task
 def leak_connection(value: str) -> int:
     """Checks out a connection, writes without committing, and keeps it in a global."""
+    return _leak(value)
+
+
+def _leak(value: str) -> int:
     conn = engine.connect()
     conn.execute(text(f"INSERT INTO {TABLE} (value) VALUES (:v)"), {"v": value})
     _leaked.append(conn)
     return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+@app.task
+def leak_in_greenlet(value: str) -> int:
+    """Under gevent: a greenlet the task spawns checks out a connection, writes without
+    committing, keeps it in a global and ends; the task waits for it."""
+    import gevent
+
+    found: list[int] = []
+
+    def work() -> None:
+        found.append(_leak(value))
+
+    gevent.spawn(work).join()
+    return found[0]
 
 
 @app.task

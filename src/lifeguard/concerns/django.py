@@ -29,7 +29,7 @@ from typing import Any
 
 from .. import stats as counters
 from ..errors import ConfigurationError
-from ..hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo
+from ..hooks import Hook, PoolKind, TaskOutcome, TaskRun, WorkerInfo, unit_label
 from ..postgres import driver as pgdriver
 from ..postgres.appname import application_name
 from ..postgres.conninfo import describe_django_database
@@ -643,7 +643,7 @@ class DjangoConnections(Hook):
         record = _ForeignConnection(
             wrapper=weakref.ref(wrapper),
             unit=unit_ref,
-            unit_label=_unit_label(unit),
+            unit_label=unit_label(unit),
             task_ids=frozenset(run.id for run in active),
             task_names=tuple(sorted({run.name for run in active})),
         )
@@ -750,13 +750,6 @@ class DjangoConnections(Hook):
     def metric_samples(self) -> list[Any]:
         """The green budgets' figures for the worker's metrics endpoint."""
         return self.green.metric_samples()
-
-
-def _unit_label(unit: Any) -> str:
-    name = getattr(unit, "name", None)
-    if name:
-        return f"thread {name!r}"
-    return f"greenlet {unit!r}"
 
 
 _EXPLANATIONS = {

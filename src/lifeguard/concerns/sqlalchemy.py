@@ -15,7 +15,11 @@ everything else follows from SQLAlchemy's own events on it:
 * every checkout runs pgdriver's no-round-trip check: a connection the server closed
   while idle is replaced before the task sees it;
 * connections a task leaves checked out are leaks: reported with the task's name and
-  handed back clean at task end;
+  handed back clean at task end; so are those a thread or greenlet the task started
+  checked out and never returned, once that thread or greenlet has ended;
+* under gevent/eventlet, each engine's ``pool_size + max_overflow`` is checked against
+  the concurrency and ``pool_timeout`` (at process start), and against the database's
+  free connection slots (at the engine's first connection in the process);
 * ``application_name`` names the worker process, and the PgBouncer transaction-mode
   profile is applied to new connections when the option asks for it.
 """
@@ -33,12 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 from .. import stats as counters
 from ..errors import ConfigurationError
-from ..hooks import Hook, TaskOutcome, TaskRun, WorkerInfo
+from ..hooks import Hook, TaskOutcome, TaskRun, WorkerInfo, unit_label
 from ..postgres import driver as pgdriver
 from ..postgres.appname import application_name
 from ..postgres.conninfo import describe_sqlalchemy_url, libpq_url
 from ..postgres.driver import Problem, TransactionStatus
 from ..postgres.pgbouncer import transaction_mode_connect_args
+from ..postgres.slots import read_limits
 
 if TYPE_CHECKING:
     from .event_loop import EventLoop
@@ -59,6 +64,10 @@ _REASON = "lifeguard_discard_reason"
 
 _WARN_REASONS = {Problem.INTERRUPTED.value, INHERITED, LEAKED}
 
+#: Under green pools a ``pool_timeout`` above this (seconds) is as good as no bound: a
+#: greenlet past the pool's capacity waits that long before its task fails.
+LONG_POOL_TIMEOUT = 300.0
+
 
 class _StatementStillRunning(Exception):
     """Raised from the pool's reset event: SQLAlchemy then invalidates the connection."""
@@ -74,6 +83,7 @@ class ManagedEngine:
     user_application_name: bool | None = None  # decided at the first connect
     main_process_checkouts: int = 0
     warned_main_process: bool = False
+    slots_checked: bool = False  # green pools: capacity read against the free slots
 
     @property
     def is_async(self) -> bool:
@@ -92,6 +102,11 @@ class _Checkout:
     fairy: weakref.ReferenceType[Any]
     managed: ManagedEngine
     run: TaskRun | None
+    # Checked out outside any task's own thread/greenlet while tasks ran: the thread or
+    # greenlet that did it, and the tasks running then (one of them started it).
+    unit: Callable[[], Any] | None = None
+    unit_label: str = ""
+    started_by: tuple[str, ...] = ()
 
 
 class LazyEngine:
@@ -194,7 +209,7 @@ class SqlAlchemyEngines(Hook):
         engine = managed.engine
 
         def on_connect(dbapi_connection: Any, record: Any) -> None:
-            self._on_connect(record)
+            self._on_connect(managed, dbapi_connection, record)
 
         def on_checkout(dbapi_connection: Any, record: Any, fairy: Any) -> None:
             self._on_checkout(managed, record, fairy)
@@ -300,22 +315,87 @@ class SqlAlchemyEngines(Hook):
             )
             return
         capacity = size + overflow
-        if capacity < concurrency:
-            timeout = getattr(pool, "_timeout", None)
+        if capacity >= concurrency:
+            return
+        timeout = getattr(pool, "_timeout", None)
+        if timeout is None or timeout > LONG_POOL_TIMEOUT:
+            waits = "forever" if timeout is None else f"{timeout:g}s"
             self.guard.lifecycle.announce(
                 logger,
-                logging.INFO,
+                logging.WARNING,
                 "lifeguard: engine %s holds at most %d connections (pool_size + max_overflow) "
-                "for the %d greenlets of this %s worker: a greenlet past %d waits up to "
-                "pool_timeout=%ss, then its task fails with SQLAlchemy's TimeoutError. Raise "
-                "pool_size/max_overflow if tasks keep connections long.",
+                "for the %d greenlets of this %s worker, and pool_timeout=%s: a greenlet past "
+                "%d waits %s for a connection, its task hanging while the others keep "
+                "theirs. Set pool_timeout (SQLAlchemy's default is 30) so the wait ends in "
+                "SQLAlchemy's TimeoutError, or raise pool_size/max_overflow.",
                 managed.label,
                 capacity,
                 concurrency,
                 worker.pool.value,
-                capacity,
                 timeout,
+                capacity,
+                waits,
             )
+            return
+        self.guard.lifecycle.announce(
+            logger,
+            logging.INFO,
+            "lifeguard: engine %s holds at most %d connections (pool_size + max_overflow) "
+            "for the %d greenlets of this %s worker: a greenlet past %d waits up to "
+            "pool_timeout=%ss, then its task fails with SQLAlchemy's TimeoutError. Raise "
+            "pool_size/max_overflow if tasks keep connections long.",
+            managed.label,
+            capacity,
+            concurrency,
+            worker.pool.value,
+            capacity,
+            f"{timeout:g}",
+        )
+
+    def _check_free_slots(
+        self, managed: ManagedEngine, dbapi_connection: Any, worker: WorkerInfo
+    ) -> None:
+        """At an engine's first connection under gevent/eventlet: can the server give this
+        process the connections its pool may open? A default pool shares the rule of the
+        Django green budget: at most half the slots still free for ordinary roles."""
+        if managed.is_async or not managed.is_postgresql:
+            return
+        pool = managed.engine.pool
+        size = _pool_figure(pool, "size")
+        overflow = getattr(pool, "_max_overflow", None)
+        if size is None or overflow is None:
+            return
+        concurrency = worker.concurrency or 0
+        capacity = concurrency if overflow < 0 else min(size + overflow, concurrency or size)
+        try:
+            limits = read_limits(dbapi_connection)
+            if not getattr(dbapi_connection, "autocommit", False):
+                dbapi_connection.rollback()
+        except Exception:
+            logger.debug("reading the database's free slots failed", exc_info=True)
+            return
+        if limits is None:
+            return
+        room = limits.free_slots + 1  # this connection is one of the pool's
+        if capacity <= max(1, room // 2):
+            return
+        level = logging.WARNING if capacity > room else logging.INFO
+        logger.log(
+            level,
+            "lifeguard: engine %s may open %d connections in this %s -c %d process "
+            "(pool_size=%d + max_overflow=%s), but the server has %d free connection slots "
+            "now (%s): set pool_size + max_overflow to at most %d (half the free slots), "
+            "put PgBouncer in front, or raise max_connections.",
+            managed.label,
+            capacity,
+            worker.pool.value,
+            concurrency,
+            size,
+            overflow,
+            room,
+            limits.summary(),
+            max(1, room // 2),
+        )
 
     def _abandon_pool(self, managed: ManagedEngine) -> None:
         """Give this process a fresh pool; forget the old one's connections without I/O.
@@ -338,11 +418,15 @@ class SqlAlchemyEngines(Hook):
         run = self.guard.lifecycle.current_run()
         return run.name if run is not None else None
 
-    def _on_connect(self, record: Any) -> None:
+    def _on_connect(self, managed: ManagedEngine, dbapi_connection: Any, record: Any) -> None:
         record.info[_PID] = os.getpid()
         record.info[_NEW] = True
         if self.guard.lifecycle.in_task_process:
             self.guard.counters.incr(counters.CONNECTIONS_OPENED, task=self._task_name())
+            worker = self.worker
+            if worker is not None and worker.pool.green and not managed.slots_checked:
+                managed.slots_checked = True
+                self._check_free_slots(managed, dbapi_connection, worker)
 
     def _on_checkout(self, managed: ManagedEngine, record: Any, fairy: Any) -> None:
         from sqlalchemy.exc import DisconnectionError
@@ -370,6 +454,8 @@ class SqlAlchemyEngines(Hook):
         checkout = _Checkout(
             record=record, fairy=weakref.ref(fairy), managed=managed, run=lifecycle.current_run()
         )
+        if checkout.run is None:
+            self._note_foreign(checkout)
         with self._lock:
             self._checked_out[id(record)] = checkout
 
@@ -387,6 +473,22 @@ class SqlAlchemyEngines(Hook):
         managed.main_process_checkouts += 1
         if worker is not None and worker.pool.forks and not managed.warned_main_process:
             self._warn_main_process_use(managed)
+
+    def _note_foreign(self, checkout: _Checkout) -> None:
+        """A checkout outside any task's own thread/greenlet while tasks run: a thread or
+        greenlet a task started (``gevent.spawn`` in a task). Remember which, so a
+        connection it never returns is found once it has ended."""
+        lifecycle = self.guard.lifecycle
+        active = lifecycle.active_runs()
+        if not active:
+            return  # between tasks: the application's own background thread
+        unit = lifecycle.current_unit()
+        try:
+            checkout.unit = weakref.ref(unit)
+        except TypeError:
+            checkout.unit = lambda: unit
+        checkout.unit_label = unit_label(unit)
+        checkout.started_by = tuple(sorted({run.name for run in active}))
 
     def _forget_checkout(self, record: Any) -> None:
         with self._lock:
@@ -486,6 +588,7 @@ class SqlAlchemyEngines(Hook):
                 self._invalidate(fairy)
 
     def after_task(self, run: TaskRun, outcome: TaskOutcome) -> None:
+        self._sweep_foreign()
         leaked = self.checkouts_of(run)
         if not leaked:
             return
@@ -499,6 +602,33 @@ class SqlAlchemyEngines(Hook):
             ", ".join(engines),
         )
         self._give_back(leaked, run.name)
+
+    def _sweep_foreign(self) -> None:
+        """Give back what ended threads/greenlets that tasks started left checked out."""
+        with self._lock:
+            foreign = [c for c in self._checked_out.values() if c.unit is not None]
+        lifecycle = self.guard.lifecycle
+        for checkout in foreign:
+            assert checkout.unit is not None
+            unit = checkout.unit()
+            if unit is not None and lifecycle.unit_alive(unit):
+                continue
+            fairy = checkout.fairy()
+            if fairy is None or not fairy.is_valid:
+                self._forget_checkout(checkout.record)
+                continue
+            names = ", ".join(checkout.started_by)
+            task = checkout.started_by[0] if len(checkout.started_by) == 1 else None
+            self.guard.counters.incr(counters.LEAKS_FOUND, task=task)
+            logger.warning(
+                "lifeguard: task %s leaked a connection of %s checked out by %s, which "
+                "ended without returning it (a Session or Connection not closed); "
+                "lifeguard gave it back to the pool",
+                names,
+                checkout.managed.label,
+                checkout.unit_label,
+            )
+            self._give_back([checkout], task)
 
     def _give_back(self, checkouts: list[_Checkout], task: str | None) -> None:
         sync = [c for c in checkouts if not c.managed.is_async]

@@ -141,6 +141,24 @@ def query_in_greenlet() -> dict[str, Any]:
 
 
 @shared_task
+def sleep_query_soft_limited(seconds: float, limit: float) -> dict[str, Any]:
+    """A soft time limit under gevent, which Celery's gevent pool does not apply (it only
+    enforces the hard one): the task bounds its query with a ``gevent.Timeout`` raising
+    ``SoftTimeLimitExceeded``, then cleans up with another query, as a soft limit's
+    handler does."""
+    import gevent
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    interrupted = _backend()
+    try:
+        with gevent.Timeout(limit, SoftTimeLimitExceeded), connection.cursor() as cur:
+            cur.execute("SELECT pg_sleep(%s)", [seconds])
+    except SoftTimeLimitExceeded:
+        return {"interrupted": interrupted, "cleanup": _backend()}
+    raise AssertionError("the query outlived its soft limit")
+
+
+@shared_task
 def guard_stats() -> dict[str, Any] | None:
     """lifeguard's counters of the process that runs this task."""
     guard = lifeguard.current_guard()

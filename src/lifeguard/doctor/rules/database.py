@@ -8,11 +8,12 @@ own database settings (the default with ``-A``) to see what the workers get.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from ...monitor.thresholds import Thresholds
 from ...postgres.pgbouncer import transaction_mode_connect_args
-from ..budget import Budget, connection_budget
+from ..budget import Budget, connection_budget, green_budgets
 from ..context import DjangoAlias, DoctorContext, EngineInfo
 from ..findings import Finding, Level
 from ..registry import Skip, rule
@@ -272,6 +273,153 @@ def slots_exhausted(ctx: DoctorContext) -> Iterator[Finding]:
         ),
         subject=server.target.where,
         evidence=limits.to_json(),
+    )
+
+
+# --- gevent/eventlet: the green budget -------------------------------------------------
+
+#: A full burst (one task per greenlet) must get its connections within the wait when
+#: each task keeps its connection this long (seconds); below it, the budget is too small.
+GREEN_HOLD_SECONDS = 0.1
+
+
+@rule(
+    "LG022",
+    "green-budget-fit",
+    "gevent/eventlet: green budget, concurrency and the server's slots do not fit",
+)
+def green_budget_fit(ctx: DoctorContext) -> Iterator[Finding]:
+    shape = ctx.require_pool()
+    if not shape.kind.green or not ctx.installed:
+        return
+    shape = ctx.require_concurrency()
+    options = ctx.options or ctx.guard.options
+    budgets = green_budgets(options, shape, ctx.postgres_aliases())
+    if not budgets:
+        return
+    concurrency = shape.units
+    wait = options.green_wait_timeout
+    explicit = options.green_budget is not None
+    option = ctx.option_spelled("green_budget")
+    pool = f"{shape.kind.value} -c {concurrency}"
+    for alias, budget in budgets.items():
+        where = f"DATABASES[{alias!r}]"
+        evidence = {
+            "alias": alias,
+            "green_budget": budget,
+            "budget_source": "green_budget" if explicit else "default: min(concurrency, 10)",
+            "concurrency": concurrency,
+            "green_wait_timeout": wait,
+        }
+        if explicit and budget > concurrency:
+            yield Finding(
+                Level.INFO,
+                title=f"green_budget={budget} for {where} is above the concurrency ({pool})",
+                why=(
+                    f"A task's greenlet holds one connection at a time, so at most "
+                    f"{concurrency} of the {budget} are ever in use at once: the budget "
+                    "bounds nothing, and a reader of the settings expects more sessions "
+                    "than the worker opens."
+                ),
+                fix=f"Set {option} to at most {concurrency}, or leave it unset.",
+                subject=where,
+                evidence=evidence,
+            )
+        hold = wait * budget / concurrency
+        if hold < GREEN_HOLD_SECONDS:
+            needed = math.ceil(concurrency * GREEN_HOLD_SECONDS / wait) if wait > 0 else budget
+            yield Finding(
+                Level.WARNING,
+                title=f"{concurrency} greenlets share {budget} connection(s) of {where}: a "
+                f"burst fails once tasks keep a connection {hold * 1000:.0f} ms",
+                why=(
+                    f"When every greenlet of a {pool} worker runs a task, each connection "
+                    f"of the budget serves {concurrency / budget:.0f} tasks in turn; the "
+                    f"last waits green_wait_timeout={wait:g}s and then fails with "
+                    f"GreenBudgetExhausted unless each task keeps its connection less than "
+                    f"{wait:g} s x {budget} / {concurrency} = {hold * 1000:.0f} ms. Until "
+                    "then tasks stall in the wait instead of running."
+                ),
+                fix=(
+                    f"Raise {option} to at least {max(needed, budget + 1)} (within the "
+                    "server's free slots), lower the concurrency, or hold connections for "
+                    "shorter spans in tasks."
+                ),
+                subject=where,
+                evidence={**evidence, "burst_hold_ms": round(hold * 1000, 1)},
+            )
+    yield from _green_budget_slots(ctx, budgets, explicit, option, pool)
+
+
+def _green_budget_slots(
+    ctx: DoctorContext, budgets: dict[str, int], explicit: bool, option: str, pool: str
+) -> Iterator[Finding]:
+    """The budgets of every host's worker against the slots the server has free now."""
+    server = ctx.server
+    if server is None or server.limits is None or server.pooler is not None:
+        return  # without the server (or behind a pooler) the budget alone is judged
+    limits = server.limits
+    here = [a.alias for a in ctx.postgres_aliases() if a.endpoint == server.endpoint]
+    per_process = sum(budget for alias, budget in budgets.items() if alias in here)
+    if not per_process:
+        return
+    hosts = ctx.shape.hosts
+    total = hosts * per_process
+    free = limits.free_slots + 1  # the doctor's own session ends with it
+    evidence = {
+        "hosts": hosts,
+        "per_process": per_process,
+        "total": total,
+        "free_slots": free,
+        "usable_slots": limits.usable_slots,
+        "server_backends": limits.server_backends - 1,
+        "green_budget_set": explicit,
+    }
+    figures = (
+        f"{hosts} host{'s' if hosts != 1 else ''} x {per_process} (the green budget of "
+        f"{', '.join(f'DATABASES[{a!r}]' for a in here if a in budgets)}) = {total}"
+    )
+    if not explicit:
+        if total > free // 2:
+            yield Finding(
+                Level.INFO,
+                title=f"the default green budget will shrink: {free} slots are free now for "
+                f"{total} connections",
+                why=(
+                    f"{figures}. A worker whose budget is the default lowers it at its "
+                    "first connection to half the slots then free, so one worker never "
+                    "takes the server's last ones; each worker started later gets less, "
+                    "and its greenlets wait more."
+                ),
+                fix=(
+                    f"Set {option} to what each worker should have (at most "
+                    f"{max(1, free // (2 * hosts))} here), or make room on the server "
+                    "(PgBouncer, a higher max_connections)."
+                ),
+                subject=server.target.where,
+                evidence=evidence,
+            )
+        return
+    if total <= free:
+        return
+    level = Level.CRITICAL if total > limits.usable_slots else Level.WARNING
+    yield Finding(
+        level,
+        title=f"green workers may open {total} connections; the server has {free} free "
+        f"slots now ({limits.usable_slots} usable)",
+        why=(
+            f"{figures} for {pool} workers, against {limits.summary()}; "
+            f"{limits.server_backends - 1} client backends are connected now. Past the "
+            "free slots the workers' connects fail ('remaining connection slots are "
+            "reserved', 'too many clients') and their tasks with them."
+        ),
+        fix=(
+            f"Lower {option} to at most {max(1, free // hosts)} per worker (unset, it "
+            "takes half the free slots by itself), put PgBouncer in front, or raise "
+            "max_connections."
+        ),
+        subject=server.target.where,
+        evidence=evidence,
     )
 
 
