@@ -10,10 +10,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 import pytest
 
+from lifeguard.demo.project.round_trips import count_round_trips
+from lifeguard.postgres import once_sql
 from lifeguard.postgres.appname import parse_application_name
 from lifeguard.postgres.once_sql import lock_id
 from tests.support import Database, SandboxTasks
@@ -86,6 +90,95 @@ def harness(
     if request.param == "django":
         return sandbox_worker, tasks
     return sqla_worker, sqla_tasks
+
+
+# --- the claim statement and the round trips, on two real sessions -----------------------
+
+
+def _claim(conn: Any, key: str) -> tuple[bool, Any]:
+    row = conn.execute(once_sql.CLAIM_OR_FETCH, [key, "t"]).fetchone()
+    return bool(row[0]), row[1]
+
+
+def test_claim_loser_waits_for_the_winners_commit_then_gets_its_result(clean: Database) -> None:
+    """The one-statement claim: a second session's claim waits on the first's uncommitted
+    key, then returns the committed result (not an empty snapshot read)."""
+    with psycopg.connect(clean.url) as winner, psycopg.connect(clean.url) as loser:
+        assert _claim(winner, "race") == (True, None)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_claim, loser, "race")
+            time.sleep(0.3)
+            assert not waiting.done()  # blocked on the unique index
+            winner.execute(once_sql.STORE, ['{"n": 1}', "race"])
+            winner.commit()
+            assert waiting.result(timeout=5) == (False, '{"n": 1}')
+        loser.rollback()
+        assert _claim(loser, "race") == (False, '{"n": 1}')  # and without a race
+        loser.rollback()
+
+
+def test_claim_loser_of_a_rolled_back_winner_claims_the_key(clean: Database) -> None:
+    with psycopg.connect(clean.url) as winner, psycopg.connect(clean.url) as loser:
+        assert _claim(winner, "undone") == (True, None)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_claim, loser, "undone")
+            time.sleep(0.3)
+            winner.rollback()
+            assert waiting.result(timeout=5) == (True, None)
+        loser.commit()
+    assert clean.execute("SELECT count(*) FROM lifeguard_once WHERE key = 'undone'") == [(1,)]
+
+
+def test_once_block_costs_one_round_trip_and_its_commit_failure_keeps_nothing(
+    clean: Database,
+) -> None:
+    """SQLAlchemy + psycopg 3, the block owning the transaction: the claim is the only
+    extra round trip (the result goes out with the COMMIT). A COMMIT the server refuses
+    (a deferred constraint) raises, and neither key nor writes are kept."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    import lifeguard
+
+    clean.execute(
+        "CREATE TABLE IF NOT EXISTS lifeguard_once_deferred (n int UNIQUE DEFERRABLE "
+        "INITIALLY DEFERRED)"
+    )
+    clean.execute("TRUNCATE lifeguard_once_deferred")
+    url = clean.url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(url, pool_size=1, max_overflow=0)  # one connection to trace
+    write = text("INSERT INTO lifeguard_once_effects (key, value) VALUES (:k, 'v')")
+    with Session(engine) as session:
+        raw = session.connection().connection.dbapi_connection
+        session.commit()
+
+        def unguarded() -> None:
+            session.execute(write, {"k": "plain"})
+            session.commit()
+
+        def guarded(key: str) -> Callable[[], None]:
+            def run() -> None:
+                with lifeguard.once(key, session=session) as block:
+                    if not block.done:
+                        session.execute(write, {"k": key})
+                        block.result = {"key": key}
+
+            return run
+
+        plain = count_round_trips(raw.pgconn, unguarded)
+        assert count_round_trips(raw.pgconn, guarded("g1")) == plain + 1
+        assert (
+            count_round_trips(raw.pgconn, guarded("g1")) <= plain + 1
+        )  # the skip path: claim, rollback
+        refused = lifeguard.once("refused", session=session)
+        with pytest.raises(psycopg.errors.UniqueViolation), refused as block:
+            session.execute(text("INSERT INTO lifeguard_once_deferred VALUES (1), (1)"))
+            block.result = {"kept": True}
+    engine.dispose()
+    assert effects(clean) == [("g1", "v"), ("plain", "v")]
+    assert clean.execute("SELECT key, result FROM lifeguard_once ORDER BY key") == [
+        ("g1", {"key": "g1"})
+    ]
 
 
 # --- exactly-once effects -----------------------------------------------------------------
