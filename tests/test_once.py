@@ -3,6 +3,7 @@ every count read from PostgreSQL (docs/once.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +17,15 @@ from typing import Any
 import psycopg
 import pytest
 
+from lifeguard.demo.postgres import free_port
 from lifeguard.demo.project.round_trips import count_round_trips
 from lifeguard.postgres import once_sql
 from lifeguard.postgres.appname import parse_application_name
 from lifeguard.postgres.once_sql import lock_id
+from tests.monitor_support import lifeguard as run_lifeguard
+from tests.monitor_support import role as login_role
+from tests.monitor_support import samples, scrape
+from tests.pgbouncer_support import running_pgbouncer
 from tests.support import Database, SandboxTasks
 
 
@@ -259,6 +265,26 @@ def test_missing_table_is_a_clear_error(
     assert "lifeguard migrate" in str(error), error
 
 
+def test_role_without_privileges_fails_naming_the_table_and_the_grant(
+    once_db: Database, sandbox_worker: Any, tasks: SandboxTasks
+) -> None:
+    """42501: the workers' role may write the effect table but not lifeguard_once. The
+    task fails saying which GRANT to run, and its body did not run unguarded."""
+    role_name = f"lg_once_{uuid.uuid4().hex[:6]}"
+    with login_role(once_db.server, role_name) as role:
+        once_db.execute(f'GRANT INSERT ON lifeguard_once_effects TO "{role}"')
+        try:
+            sandbox_worker(db_url=once_db.server.url(once_db.name, user=role))
+            key = f"denied:{uuid.uuid4().hex[:6]}"
+            state, error = tasks.outcome("once_effect", key, "v")
+        finally:
+            once_db.execute(f'REVOKE ALL ON lifeguard_once_effects FROM "{role}"')
+    assert state == "FAILURE"
+    assert "permission denied on table lifeguard_once" in str(error), error
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON lifeguard_once TO {role}" in str(error)
+    assert effects(once_db, key) == []
+
+
 # --- singleton ------------------------------------------------------------------------------
 
 
@@ -315,3 +341,82 @@ def test_contended_singleton_runs_never_overlap(
     wait_for(lambda: advisory_holders(clean, "shared", True))
     assert tasks.run("singleton_run", "shared", 0.0, "skip") == {"acquired": False}
     assert held.get(timeout=20)["acquired"] is True
+
+
+# --- visibility: counters per task name, the holder in `lifeguard monitor` ---------------
+
+SINGLETON_TASK = "lifeguard.demo.project.tasks.singleton_run"
+ONCE_TASK = "lifeguard.demo.project.tasks.once_effect"
+
+
+def test_monitor_names_the_singleton_holder_and_the_counters_reach_the_metrics(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks, prefix: str
+) -> None:
+    """A real held lock: `lifeguard check --json` and its text name the key, the task,
+    the worker process holding it and who waits; the waits, skips and skipped
+    duplicates are counted per task name on the worker's metrics endpoint."""
+    port = free_port()
+    options = json.dumps({"metrics_port": port, "metrics_address": "127.0.0.1"})
+    sandbox_worker(concurrency=3, options=options)
+    key = f"report:{uuid.uuid4().hex[:6]}"
+    holder = tasks.send("singleton_run", key, 4.0)
+    wait_for(lambda: advisory_holders(clean, key, True))
+    waiter = tasks.send("singleton_run", key, 0.0)
+    wait_for(lambda: advisory_holders(clean, key, False))
+    assert tasks.run("singleton_run", key, 0.0, "skip") == {"acquired": False}
+
+    checked = run_lifeguard("check", "--database-url", clean.url, "--prefix", prefix, "--json")
+    [hold] = json.loads(checked.stdout)["singleton_locks"]
+    assert (hold["key"], hold["task"], hold["lock_id"]) == (key, SINGLETON_TASK, lock_id(key))
+    worker_pid = int(hold["worker"].rpartition(":")[2])
+    assert len(hold["waiting"]) == 1 and hold["held_seconds"] is not None
+    text = run_lifeguard("check", "--database-url", clean.url, "--prefix", prefix).stdout
+    assert f"singleton {key!r} (task {SINGLETON_TASK}) held by worker " in text, text
+
+    assert holder.get(timeout=20)["pid"] == worker_pid
+    assert waiter.get(timeout=20)["acquired"] is True
+    first = tasks.run("once_effect", "dup-key", "v1")
+    assert tasks.run("once_effect", "dup-key", "v2") == {**first, "skipped": True}
+
+    def counted() -> dict[str, float]:
+        families = scrape(port)
+        return {
+            name: samples(families, f"lifeguard_{name}_total").get(
+                (("reason", ""), ("task", task)), 0.0
+            )
+            for name, task in [
+                ("singleton_waited", SINGLETON_TASK),
+                ("singleton_skipped", SINGLETON_TASK),
+                ("once_skipped", ONCE_TASK),
+            ]
+        }
+
+    expected = {"singleton_waited": 1.0, "singleton_skipped": 1.0, "once_skipped": 1.0}
+    wait_for(lambda: counted() == expected)
+
+
+# --- behind PgBouncer in transaction mode -------------------------------------------------
+
+
+def test_behind_transaction_pooling_the_lock_goes_direct_and_the_key_through_the_pooler(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks, prefix: str
+) -> None:
+    """The workers' connections go through a real PgBouncer in transaction mode; the
+    singleton's lock sessions go straight to PostgreSQL (singleton_database_url), so the
+    lock is held while the holder runs. The once key lives in the task's transaction,
+    which transaction pooling keeps on one server session."""
+    with running_pgbouncer(clean.server, clean.name) as pooler:
+        options = json.dumps({"singleton_database_url": clean.url})
+        sandbox_worker(concurrency=2, db_url=pooler, options=options)
+        key = f"pooled:{uuid.uuid4().hex[:6]}"
+        holder = tasks.send("singleton_run", key, 3.0)
+        [backend] = wait_for(lambda: advisory_holders(clean, key, True))
+        assert tasks.run("singleton_run", key, 0.0, "skip") == {"acquired": False}
+        name = clean.admin(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = %s", [backend]
+        )
+        assert parse_application_name(name[0][0], prefix) is not None  # the worker's, direct
+        assert holder.get(timeout=20)["acquired"] is True
+        first = tasks.run("once_effect", key, "v1")
+        assert tasks.run("once_effect", key, "v2") == {**first, "skipped": True}
+    assert effects(clean, key) == [(key, "v1")]

@@ -369,6 +369,15 @@ class Options:
         "prepare_threshold=None).",
     )
 
+    # --- singleton locks ------------------------------------------------------------
+    singleton_database_url: str | None = _option(
+        None,
+        _optional_text,
+        "The database URL of singleton lock sessions when the workers' connections go "
+        "through PgBouncer in transaction mode: a direct (or session-mode) URL of the same "
+        "database; None uses the task's own database settings.",
+    )
+
     @classmethod
     def names(cls) -> list[str]:
         return [field.name for field in dataclasses.fields(cls)]

@@ -104,8 +104,8 @@ def _loads(row: Any) -> Any:
     return json.loads(row[0]) if row and row[0] is not None else None
 
 
-def _storage_guard(exc: BaseException) -> None:
-    error = sql.storage_error(exc)
+def _storage_guard(exc: BaseException, role: Any = None) -> None:
+    error = sql.storage_error(exc, role)
     if error is not None:
         raise error from exc
 
@@ -162,7 +162,7 @@ def _django_once(key: str, task_name: str | None, using: str) -> Iterator[OnceBl
                 cur.execute(sql.CLAIM_OR_FETCH, [key, task_name])
                 _claimed(cur.fetchone(), block, task_name)
             except DatabaseError as exc:
-                _storage_guard(exc)
+                _storage_guard(exc, connection.settings_dict.get("USER"))
                 raise
         yield block
         if block.done:
@@ -182,6 +182,11 @@ def _django_once(key: str, task_name: str | None, using: str) -> Iterator[OnceBl
 
 _CLAIM = sql.named(sql.CLAIM_OR_FETCH, "key", "task_name")
 _STORE = sql.named(sql.STORE, "result", "key")
+
+
+def _sqla_role(session: Any) -> str | None:
+    bind = session.get_bind()
+    return getattr(getattr(bind, "url", None), "username", None)
 
 
 def _sqla_pipelined(session: Any) -> Any:
@@ -205,7 +210,7 @@ def _sqla_once(key: str, task_name: str | None, session: Any) -> Iterator[OnceBl
             row = session.execute(text(_CLAIM), {"key": key, "task_name": task_name}).one()
             _claimed(row, block, task_name)
         except DBAPIError as exc:
-            _storage_guard(exc)
+            _storage_guard(exc, _sqla_role(session))
             raise
         yield block
         if block.done:
@@ -242,7 +247,7 @@ async def _sqla_once_async(
             result = await session.execute(text(_CLAIM), {"key": key, "task_name": task_name})
             _claimed(result.one(), block, task_name)
         except DBAPIError as exc:
-            _storage_guard(exc)
+            _storage_guard(exc, _sqla_role(session))
             raise
         yield block
         if block.done:
@@ -348,7 +353,11 @@ def _worker_application_name() -> str | None:
 
 def _dedicated_connection(using: str, engine: Any, url: str | None) -> Any:
     """A new DB-API connection in autocommit, never a pooled one: the lock lives and dies
-    with this session, and no transaction stays open while the task runs."""
+    with this session, and no transaction stays open while the task runs. Without
+    ``url``, the option ``singleton_database_url`` (direct, past PgBouncer) comes first."""
+    guard = registry.lookup(getattr(_task(), "app", None))
+    if url is None and guard is not None:
+        url = guard.options.singleton_database_url
     name = _worker_application_name()
     named: dict[str, Any] = {"application_name": name} if name else {}
     if url is not None:
@@ -463,6 +472,9 @@ def singleton_task(
                     return None
                 return function(*args, **kwargs)
 
+        # Where the lock session goes, for `lifeguard doctor` (behind PgBouncer).
+        where = {"url": url, "using": using, "engine": engine}
+        run.__lifeguard_singleton__ = where  # type: ignore[attr-defined]
         return run  # type: ignore[return-value]
 
     return decorate

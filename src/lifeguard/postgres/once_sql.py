@@ -140,10 +140,16 @@ class OnceStorageError(LifeguardError):
     so the task fails loudly instead of running unguarded."""
 
 
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
 def storage_error(exc: BaseException, role: Any = None) -> OnceStorageError | None:
     """A clear error for a missing table or privilege; None for any other error."""
     code = sqlstate(exc)
-    who = role or "<the workers' role>"
+    who = "<the workers' role>"
+    if role:
+        who = str(role) if re.fullmatch(r"[a-z_][a-z0-9_]*", str(role)) else _quoted(str(role))
     if code == INSUFFICIENT_PRIVILEGE:
         return OnceStorageError(
             f"permission denied on table {TABLE}: run "
