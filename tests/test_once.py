@@ -231,7 +231,7 @@ def test_killed_before_commit_redelivery_runs_once(
     [("django", "once_decorated"), ("sqlalchemy", "once_effect"), ("async", "async_once_effect")],
     indirect=["harness"],
 )
-def test_two_workers_racing_200_tasks_over_20_keys_make_20_effects(
+def test_two_workers_racing_500_tasks_over_50_keys_make_50_effects(
     harness: Harness, task: str, clean: Database
 ) -> None:
     """Concurrent runs of a key serialise on its unique index: one effect per key, and
@@ -239,14 +239,14 @@ def test_two_workers_racing_200_tasks_over_20_keys_make_20_effects(
     start, send = harness
     start(concurrency=2)
     start(concurrency=2)
-    keys = [f"k{i:02d}" for i in range(20)]
-    sent = [(keys[i % 20], send.send(task, keys[i % 20], f"v{i}")) for i in range(200)]
+    keys = [f"k{i:02d}" for i in range(50)]
+    sent = [(keys[i % 50], send.send(task, keys[i % 50], f"v{i}")) for i in range(500)]
     results: dict[str, set[str]] = {}
     for key, result in sent:
         out = result.get(timeout=60)
         results.setdefault(key, set()).add(out["value"])
     rows = effects(clean)
-    assert len(rows) == 20 and {key for key, _ in rows} == set(keys)
+    assert len(rows) == 50 and {key for key, _ in rows} == set(keys)
     for key, value in rows:
         assert results[key] == {value}, (key, results[key], value)
 
@@ -322,21 +322,23 @@ def test_singleton_holder_sigkilled_next_run_acquires_within_a_second(
     holder.get(timeout=20, propagate=False)
 
 
-def test_contended_singleton_runs_never_overlap(
+@pytest.mark.slow
+def test_1000_contended_singleton_runs_never_overlap(
     clean: Database, sandbox_worker: Any, tasks: SandboxTasks
 ) -> None:
-    """60 runs of one key on 4 processes: the exclusion constraint would refuse an
-    overlapping interval, and the self-join finds none; skip mode skips while held."""
+    """1,000 runs of one key on 4 processes of 2 workers: the exclusion constraint would
+    refuse an overlapping interval, and the self-join finds none; skip mode skips while
+    held."""
     sandbox_worker(concurrency=2)
     sandbox_worker(concurrency=2)
-    runs = [tasks.send("singleton_run", "shared", 0.02) for _ in range(60)]
-    assert all(run.get(timeout=60)["acquired"] for run in runs)
+    runs = [tasks.send("singleton_run", "shared", 0.001) for _ in range(1000)]
+    assert all(run.get(timeout=120)["acquired"] for run in runs)
     overlaps = clean.execute(
         "SELECT count(*) FROM lifeguard_singleton_runs a JOIN lifeguard_singleton_runs b "
         "ON a.ctid < b.ctid AND a.during && b.during"
     )
     assert overlaps == [(0,)]
-    assert clean.execute("SELECT count(*) FROM lifeguard_singleton_runs") == [(60,)]
+    assert clean.execute("SELECT count(*) FROM lifeguard_singleton_runs") == [(1000,)]
     held = tasks.send("singleton_run", "shared", 3.0)
     wait_for(lambda: advisory_holders(clean, "shared", True))
     assert tasks.run("singleton_run", "shared", 0.0, "skip") == {"acquired": False}

@@ -52,6 +52,16 @@ def _behind_pooler(ctx: DoctorContext) -> tuple[str | None, str, str | None] | N
     return None
 
 
+def _pooling_transactions(ctx: DoctorContext) -> tuple[str | None, str, str | None, bool] | None:
+    """``(mode, how it is known, endpoint, mode known)`` of a pooler in front that may
+    pool per transaction (not session mode); None without one."""
+    pooler = _behind_pooler(ctx)
+    if pooler is None or pooler[0] == "session":
+        return None
+    mode, how, endpoint = pooler
+    return mode, how, endpoint, mode in ("transaction", "statement")
+
+
 def _engine_prepares(ctx: DoctorContext, engine: EngineInfo) -> bool:
     """The engine's connections may prepare statements on the server."""
     required = transaction_mode_connect_args(engine.driver)
@@ -82,13 +92,10 @@ def _django_prepares(ctx: DoctorContext, alias: DjangoAlias) -> bool:
     "asyncpg or psycopg behind PgBouncer in transaction mode without the profile",
 )
 def pgbouncer_prepared_statements(ctx: DoctorContext) -> Iterator[Finding]:
-    pooler = _behind_pooler(ctx)
+    pooler = _pooling_transactions(ctx)
     if pooler is None:
         return
-    mode, how, endpoint = pooler
-    if mode == "session":
-        return
-    known = mode in ("transaction", "statement")
+    mode, how, endpoint, known = pooler
     server_pooler = ctx.server.pooler if ctx.server is not None else None
     handles_prepares = server_pooler is not None and server_pooler.max_prepared_statements > 0
     mode_text = f"in {mode} mode" if known else "(pool mode unknown)"
@@ -198,13 +205,10 @@ def singleton_behind_transaction_pooler(ctx: DoctorContext) -> Iterator[Finding]
     singletons = [task for task in ctx.tasks if task.singleton is not None]
     if not singletons:
         return
-    pooler = _behind_pooler(ctx)
+    pooler = _pooling_transactions(ctx)
     if pooler is None:
         return
-    mode, how, pooled_endpoint = pooler
-    if mode == "session":
-        return
-    known = mode in ("transaction", "statement")
+    mode, how, pooled_endpoint, known = pooler
     for task in singletons:
         assert task.singleton is not None
         where = _lock_endpoint(ctx, task.singleton)
