@@ -5,8 +5,9 @@ transaction, before its writes. The key and the writes commit together or not at
 a redelivered run whose key is committed skips its body and returns the stored result;
 a run killed before its commit left nothing, so its redelivery runs normally; two
 concurrent runs of one key serialise on the key's unique index (the second waits for
-the first to commit, then skips). One round trip per run, plus one to store a result
-that is not None.
+the first to commit, then skips). One extra round trip per run: the claim, which also
+returns the stored result on the skip path; a result is sent with the COMMIT when the
+block owns the transaction on psycopg 3 (else it is one more round trip).
 
 ``singleton``: a session-level advisory lock on a connection of its own, opened for the
 block and closed after it. No transaction stays open for the task's length, and the
@@ -113,23 +114,25 @@ def _storage_guard(exc: BaseException, role: Any = None) -> None:
 # --- once: Django --------------------------------------------------------------------------
 
 
-def _pipelined(raw: Any) -> bool:
-    """A psycopg 3 connection whose libpq can pipeline (libpq 14+)."""
+def _psycopg3(raw: Any) -> bool:
     try:
         import psycopg
     except ImportError:
         return False
-    return isinstance(raw, psycopg.Connection) and psycopg.Pipeline.is_supported()
+    return isinstance(raw, psycopg.Connection)
 
 
 def _store_and_commit(raw: Any, result: str, key: str) -> None:
-    """The result and the COMMIT in one round trip (psycopg 3 pipeline mode). If the
-    UPDATE fails the COMMIT is not run; if the COMMIT fails the server rolled back: either
-    way the error reaches the caller's rollback. ``commit()`` of the driver is then a
-    no-op (the connection is idle), so the ORM's own commit runs its hooks as usual."""
-    with raw.pipeline():
-        raw.execute(sql.STORE, [result, key])
-        raw.execute("COMMIT")
+    """The result and the COMMIT in one round trip: one simple-query message
+    ``UPDATE ...; COMMIT``, its values bound (quoted) by psycopg's client-side cursor. If
+    the UPDATE fails the COMMIT does not run; if the COMMIT fails the server rolled back:
+    either way the error reaches the caller's rollback. The driver's ``commit()`` that
+    follows finds the connection idle and sends nothing, so the ORM's own commit runs its
+    hooks as usual."""
+    import psycopg
+
+    with psycopg.ClientCursor(raw) as cur:
+        cur.execute(sql.STORE_AND_COMMIT, [result, key])
 
 
 def _claimed(row: Any, block: OnceBlock, task_name: str | None) -> None:
@@ -170,7 +173,7 @@ def _django_once(key: str, task_name: str | None, using: str) -> Iterator[OnceBl
             transaction.set_rollback(True, using=using)
         elif block.result is not None:
             result = _dumps(block.result, key)
-            if _django_outermost(connection) and _pipelined(connection.connection):
+            if _django_outermost(connection) and _psycopg3(connection.connection):
                 with connection.wrap_database_errors:
                     _store_and_commit(connection.connection, result, key)
             else:
@@ -189,13 +192,25 @@ def _sqla_role(session: Any) -> str | None:
     return getattr(getattr(bind, "url", None), "username", None)
 
 
-def _sqla_pipelined(session: Any) -> Any:
+def _sqla_owned_psycopg3(session: Any) -> Any:
     """The psycopg 3 connection under ``session`` if the block may commit through it:
     not when a ``before_commit`` listener could write after the COMMIT went out."""
     if session.dispatch.before_commit:
         return None
     raw = session.connection().connection.dbapi_connection
-    return raw if _pipelined(raw) else None
+    return raw if _psycopg3(raw) else None
+
+
+def _sqla_store_and_commit(raw: Any, result: str, key: str) -> None:
+    """:func:`_store_and_commit`, its errors as SQLAlchemy's (``IntegrityError``, ...), the
+    ones ``session.commit()`` would raise."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        _store_and_commit(raw, result, key)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql.STORE, None, exc, psycopg.Error) from exc
 
 
 @contextlib.contextmanager
@@ -219,10 +234,10 @@ def _sqla_once(key: str, task_name: str | None, session: Any) -> Iterator[OnceBl
         else:
             if block.result is not None:
                 result = _dumps(block.result, key)
-                raw = _sqla_pipelined(session) if owns else None
+                raw = _sqla_owned_psycopg3(session) if owns else None
                 if raw is not None:
                     session.flush()  # the ORM's pending writes go before the COMMIT
-                    _store_and_commit(raw, result, key)  # then session.commit() is a no-op
+                    _sqla_store_and_commit(raw, result, key)  # session.commit(): a no-op
                 else:
                     session.execute(text(_STORE), {"result": result, "key": key})
             if owns:
@@ -343,14 +358,6 @@ def once_task(
 # --- singleton: a session-level advisory lock on a connection of its own --------------------
 
 
-def _worker_application_name() -> str | None:
-    """The ``application_name`` lifeguard gives this process's connections, if any: the
-    lock session is attributed to its worker process like every other."""
-    guard = registry.lookup(getattr(_task(), "app", None))
-    prefix = guard.options.application_name_prefix if guard is not None else None
-    return application_name(prefix) if prefix else None
-
-
 def _dedicated_connection(using: str, engine: Any, url: str | None) -> Any:
     """A new DB-API connection in autocommit, never a pooled one: the lock lives and dies
     with this session, and no transaction stays open while the task runs. Without
@@ -358,8 +365,9 @@ def _dedicated_connection(using: str, engine: Any, url: str | None) -> Any:
     guard = registry.lookup(getattr(_task(), "app", None))
     if url is None and guard is not None:
         url = guard.options.singleton_database_url
-    name = _worker_application_name()
-    named: dict[str, Any] = {"application_name": name} if name else {}
+    # The worker process's application_name: the lock session is attributed to it.
+    prefix = guard.options.application_name_prefix if guard is not None else None
+    named: dict[str, Any] = {"application_name": application_name(prefix)} if prefix else {}
     if url is not None:
         try:
             import psycopg
@@ -371,7 +379,9 @@ def _dedicated_connection(using: str, engine: Any, url: str | None) -> Any:
             raw = psycopg2.connect(url, **named)
     elif engine is not None:
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
-        raw = engine.dialect.connect(*cargs, **{**named, **cparams})
+        if engine.dialect.driver in ("psycopg", "psycopg2"):
+            cparams = {**named, **cparams}
+        raw = engine.dialect.connect(*cargs, **cparams)
     else:
         from django.db import connections
 

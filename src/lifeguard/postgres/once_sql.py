@@ -51,6 +51,8 @@ CLAIM_OR_FETCH = (
 FETCH = f"SELECT result::text FROM {TABLE} WHERE key = %s"
 # Only when the block has a result to keep (None costs nothing).
 STORE = f"UPDATE {TABLE} SET result = CAST(%s AS jsonb) WHERE key = %s"
+# The result and the commit in one message, when the block owns the transaction.
+STORE_AND_COMMIT = f"{STORE}; COMMIT"
 # Retention: in batches, so a prune never holds millions of row locks at once.
 PRUNE_BATCH = (
     f"DELETE FROM {TABLE} WHERE key IN (SELECT key FROM {TABLE} "
