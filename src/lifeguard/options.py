@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 from .postgres.appname import DEFAULT_PREFIX, validate_prefix
+from .postgres.conninfo import redact_url
 
 CONF_PREFIX = "lifeguard_"
 
@@ -408,7 +409,10 @@ class Options:
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        described = dataclasses.asdict(self)
+        if self.singleton_database_url:  # a URL may carry a password: never shown
+            described["singleton_database_url"] = redact_url(self.singleton_database_url)
+        return described
 
 
 CONF = "the Celery configuration"
