@@ -252,6 +252,22 @@ def test_two_workers_racing_500_tasks_over_50_keys_make_50_effects(
         assert results[key] == {value}, (key, results[key], value)
 
 
+def test_django_result_sent_with_the_commit_still_runs_on_commit_callbacks(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks
+) -> None:
+    """Django's atomic() exit finds the connection already committed: its on_commit()
+    callbacks run; a COMMIT the server refuses raises Django's IntegrityError, runs no
+    callback and keeps neither the key nor the writes."""
+    sandbox_worker()
+    assert tasks.run("once_on_commit", "hooked") == {"on_commit_ran": True, "error": None}
+    stored = clean.execute("SELECT result FROM lifeguard_once WHERE key = 'hooked'")
+    assert stored == [({"stored": True},)]
+    refused = tasks.run("once_on_commit", "refused", True)
+    assert refused == {"on_commit_ran": False, "error": "IntegrityError"}
+    assert clean.execute("SELECT count(*) FROM lifeguard_once WHERE key = 'refused'") == [(0,)]
+    assert effects(clean) == [("hooked", "v")]
+
+
 def test_missing_table_is_a_clear_error(
     test_db: Database, sandbox_worker: Any, tasks: SandboxTasks, pg: Any
 ) -> None:

@@ -262,6 +262,31 @@ def once_decorated(key: str, value: str) -> dict[str, Any]:
 
 
 @shared_task
+def once_on_commit(key: str, refused: bool = False) -> dict[str, Any]:
+    """A once block with an ``on_commit()`` callback and a stored result; ``refused``: a
+    deferred constraint makes the server refuse the COMMIT that carries the result."""
+    from django.db import IntegrityError
+
+    ran: list[bool] = []
+    error = None
+    try:
+        with lifeguard.once(key) as block:
+            transaction.on_commit(lambda: ran.append(True))
+            _once_effect_row(key, "v")
+            if refused:
+                with connection.cursor() as cur:
+                    cur.execute(
+                        "CREATE TEMP TABLE lifeguard_refused (n int UNIQUE DEFERRABLE "
+                        "INITIALLY DEFERRED) ON COMMIT DROP"
+                    )
+                    cur.execute("INSERT INTO lifeguard_refused VALUES (1), (1)")
+            block.result = {"stored": True}
+    except IntegrityError as exc:
+        error = type(exc).__name__
+    return {"on_commit_ran": bool(ran), "error": error}
+
+
+@shared_task
 def singleton_run(key: str, seconds: float, on_busy: str = "wait") -> dict[str, Any]:
     """Holds the singleton ``key`` for ``seconds``; records its interval (server clock)."""
     with lifeguard.singleton(key, on_busy=on_busy) as lock:  # type: ignore[arg-type]
