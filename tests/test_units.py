@@ -171,3 +171,13 @@ def test_singleton_lock_statement_names_its_key_for_the_monitor() -> None:
     shown = statement.replace("%%", "%")  # what the server sees once %s is bound
     assert once_sql.lock_label(shown) == (key, "proj.tasks.sync")
     assert once_sql.lock_label("SELECT 1") is None
+
+
+def test_a_long_singleton_key_is_cut_to_what_the_monitor_reads() -> None:
+    from lifeguard.postgres import once_sql
+
+    statement = once_sql.labelled(once_sql.LOCK, "k" * 500, "proj.tasks." + "t" * 100)
+    shown = statement.replace("%s", "-9223372036854775808")
+    assert len(shown) <= once_sql.LABEL_STATEMENT_CHARS
+    label = once_sql.lock_label(shown)
+    assert label is not None and label[0].startswith("kkkk")

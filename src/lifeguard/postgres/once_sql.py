@@ -68,14 +68,26 @@ UNLOCK = "SELECT pg_advisory_unlock(%s)"
 # `lifeguard monitor` (pg_locks has only the 64-bit id). JSON with "/" escaped cannot
 # close the comment; "%" is doubled for the drivers' %s placeholders.
 _LABEL = re.compile(r"/\* lifeguard singleton (\{.*\}) \*/")
-LABEL_KEY_CHARS = 120
+#: The monitor keeps the first 200 characters of each backend's query (monitor/snapshot.py).
+LABEL_STATEMENT_CHARS = 200
 
 
 def labelled(statement: str, key: str, task_name: str | None) -> str:
-    """``statement`` with a comment naming the singleton ``key`` and ``task_name``."""
-    label = json.dumps({"key": key[:LABEL_KEY_CHARS], "task": (task_name or "")[:80]})
-    label = label.replace("/", "\\/").replace("%", "%%")
-    return f"{statement} /* lifeguard singleton {label} */"
+    """``statement`` with a comment naming the singleton ``key`` and ``task_name``, the
+    key cut (then the task name) until the statement, as the server shows it with its
+    parameter bound, fits in what the monitor reads."""
+    room = LABEL_STATEMENT_CHARS - len(statement.replace("%s", "-" * 20))
+    task = (task_name or "")[:80]
+    cut = len(key)
+    while True:
+        label = json.dumps({"key": key[:cut], "task": task}).replace("/", "\\/")
+        comment = f" /* lifeguard singleton {label} */"
+        if len(comment) <= room or (cut == 0 and not task):
+            return statement + comment.replace("%", "%%")
+        if cut > 0:
+            cut = max(cut - 8, 0)
+        else:
+            task = task[:-8]
 
 
 def lock_label(query: str | None) -> tuple[str, str | None] | None:
