@@ -25,7 +25,7 @@ from tests.monitor_support import lifeguard, start_lifeguard
 from tests.support import Database, scratch_database
 
 OK, WARNING, CRITICAL, CANNOT_RUN, CONFIG = 0, 1, 2, 3, 78
-COMMANDS = ["check", "monitor", "doctor", "validate", "demo", "migrate"]
+COMMANDS = ["check", "monitor", "doctor", "validate", "demo", "migrate", "effects"]
 
 
 def dead_url(password: str = "s3cret-pw") -> str:
@@ -94,6 +94,7 @@ def test_an_unreachable_database_exits_3_in_every_command():
         ["check", "--database-url", url],
         ["monitor", "--database-url", url, "--count", "1"],
         ["demo", "--database-url", url],
+        ["effects", "list", "--database-url", url],
     ):
         started = time.monotonic()
         result = lifeguard(*args)

@@ -31,6 +31,7 @@ NEEDS_EXTRA = {
     "lifeguard.contrib.django.apps": ("django", "django"),
     "lifeguard.contrib.django.checks": ("django", "django"),
     "lifeguard.contrib.django.migrations.0001_initial": ("django", "django"),
+    "lifeguard.contrib.django.migrations.0002_effects": ("django", "django"),
     "lifeguard.demo.project.tasks": ("demo", "django"),
     # The pytest plugin's package imports pytest (its worker runs where pytest is).
     "lifeguard.pytest": ("pytest", "pytest"),

@@ -9,6 +9,15 @@ One line in the module that creates the Celery app::
 from __future__ import annotations
 
 from .concerns.async_task import AsyncTask, async_task
+from .concerns.effects import (
+    Effect,
+    EffectBusy,
+    EffectOrphaned,
+    current_effect,
+    effect,
+    effect_async,
+    effect_task,
+)
 from .concerns.once import (
     OnceBlock,
     SingletonBusy,
@@ -27,6 +36,9 @@ from .version import __version__
 __all__ = [
     "AsyncTask",
     "ConfigurationError",
+    "Effect",
+    "EffectBusy",
+    "EffectOrphaned",
     "Hook",
     "Lifeguard",
     "LifeguardError",
@@ -40,7 +52,11 @@ __all__ = [
     "WorkerInfo",
     "__version__",
     "async_task",
+    "current_effect",
     "current_guard",
+    "effect",
+    "effect_async",
+    "effect_task",
     "install",
     "once",
     "once_async",

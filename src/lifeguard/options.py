@@ -374,7 +374,7 @@ class Options:
     singleton_database_url: str | None = _option(
         None,
         _optional_text,
-        "The database URL of singleton lock sessions when the workers' connections go "
+        "The database URL of singleton (and effect) lock sessions when the workers' connections go "
         "through PgBouncer in transaction mode: a direct (or session-mode) URL of the same "
         "database; None uses the task's own database settings.",
     )

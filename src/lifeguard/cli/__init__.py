@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "check": "lifeguard.cli.check:check",
     "demo": "lifeguard.cli.demo:demo",
     "doctor": "lifeguard.cli.doctor:doctor",
+    "effects": "lifeguard.cli.effects:effects",
     "migrate": "lifeguard.cli.migrate:migrate",
     "monitor": "lifeguard.cli.monitor:monitor",
     "validate": "lifeguard.cli.validate:validate",

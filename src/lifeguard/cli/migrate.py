@@ -1,4 +1,5 @@
-"""``lifeguard migrate``: create the ``lifeguard_once`` table, and prune old keys.
+"""``lifeguard migrate``: create the ``lifeguard_once`` table (with the effect columns of
+an external effect's claim, added to an older table), and prune old keys.
 
 Exit status (docs/commands.md): 0 done, 3 could not run (no URL, unreachable database,
 a role that may not create or delete, a bad ``--prune-older-than``).
@@ -7,6 +8,7 @@ a role that may not create or delete, a bad ``--prune-older-than``).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -27,11 +29,29 @@ def _retention(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
+def connect(database_url: str | None) -> tuple[str, Any]:
+    """(the URL, a psycopg connection in autocommit) of ``--database-url`` or ``$ENV_URL``."""
+    url = database_url or os.environ.get(ENV_URL)
+    if not url:
+        cannot_run(f"give --database-url or set ${ENV_URL}")
+    import psycopg
+
+    try:
+        return url, psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        cannot_run(f"cannot connect to {redact_url(url)}: {error_line(exc, url)}")
+
+
+DATABASE_URL_HELP = (
+    f"PostgreSQL URL of the database that holds the tasks' tables (else ${ENV_URL})."
+)
+
+
 @click.command(cls=ContractCommand)
 @click.option(
     "--database-url",
     metavar="URL",
-    help=f"PostgreSQL URL of the database that holds the tasks' tables (else ${ENV_URL}).",
+    help=DATABASE_URL_HELP,
 )
 @click.option(
     "--prune-older-than",
@@ -44,21 +64,15 @@ def _retention(ctx: click.Context, param: click.Parameter, value: str | None) ->
 def migrate(database_url: str | None, prune_older_than: str | None, print_sql: bool) -> None:
     """Create the lifeguard_once table and its index (idempotent); optionally prune."""
     if print_sql:
-        for statement in sql.MIGRATION:
+        for statement in [*sql.MIGRATION, *sql.EFFECT_MIGRATION]:
             click.echo(f"{statement};")
         return
-    url = database_url or os.environ.get(ENV_URL)
-    if not url:
-        cannot_run(f"give --database-url or set ${ENV_URL}")
+    url, conn = connect(database_url)
     import psycopg
 
-    try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
-    except psycopg.Error as exc:
-        cannot_run(f"cannot connect to {redact_url(url)}: {error_line(exc, url)}")
     with conn:
         try:
-            for statement in sql.MIGRATION:
+            for statement in [*sql.MIGRATION, *sql.EFFECT_MIGRATION]:
                 conn.execute(statement)
             click.echo(f"{sql.TABLE}: ready")
             if prune_older_than:

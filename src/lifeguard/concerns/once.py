@@ -386,7 +386,9 @@ def _dedicated_connection(using: str, engine: Any, url: str | None) -> Any:
         from django.db import connections
 
         wrapper = connections[using]
-        raw = wrapper.get_new_connection(wrapper.get_connection_params())
+        # Not get_new_connection(): with Django's native pool (5.1+) it lends a pooled
+        # connection, which closing never gives back (the pool runs dry).
+        raw = wrapper.Database.connect(**wrapper.get_connection_params())
     raw.autocommit = True
     return raw
 

@@ -126,6 +126,12 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+def chain_sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the first error in the exception's chain that has one (Django's
+    and SQLAlchemy's wrappers carry the driver's error as a cause or as ``.orig``)."""
+    return next((code for c in _chain(exc) if (code := sqlstate(c)) is not None), None)
+
+
 def _by_sqlstate(code: str) -> Failure | None:
     return SQLSTATES.get(code) or SQLSTATES.get(code[:2])
 

@@ -56,8 +56,8 @@ STORE_AND_COMMIT = f"{STORE}; COMMIT"
 # Retention: in batches, so a prune never holds millions of row locks at once.
 PRUNE_BATCH = (
     f"DELETE FROM {TABLE} WHERE key IN (SELECT key FROM {TABLE} "
-    "WHERE created_at < now() - CAST(%s AS interval) LIMIT %s)"
-)
+    "WHERE created_at < now() - CAST(%s AS interval) AND state <> 'claimed' LIMIT %s)"
+)  # an unresolved effect claim is kept until it completes or an operator resolves it
 
 LOCK = "SELECT pg_advisory_lock(%s)"
 TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
@@ -176,3 +176,83 @@ def storage_error(exc: BaseException, role: Any = None) -> OnceStorageError | No
             "(or `manage.py migrate lifeguard` with lifeguard.contrib.django installed)"
         )
     return None
+
+
+# --- external side effects: claim / complete (concerns/effects.py, docs/once.md) --------
+# The same table. An effect's row is 'claimed' from its claim (committed before the effect)
+# until its completion ('done', with the result) or until a rerun found its owner dead and
+# skipped it by policy ('skipped'). Rows of once() keys take the default 'done'. The columns
+# are added with ADD COLUMN IF NOT EXISTS, so a table made before them keeps its keys
+# (PostgreSQL 11+ adds a column with a constant default without rewriting the table).
+CLAIMED, DONE, SKIPPED = "claimed", "done", "skipped"
+EFFECT_MIGRATION = [
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'done'",
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS claimed_at timestamptz",
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS claimed_by text",
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS completed_at timestamptz",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_claimed ON {TABLE} (claimed_at) WHERE state = 'claimed'",
+]
+EFFECT_MIGRATION_REVERSE = [
+    f"ALTER TABLE {TABLE} DROP COLUMN IF EXISTS state",
+    f"ALTER TABLE {TABLE} DROP COLUMN IF EXISTS claimed_at",
+    f"ALTER TABLE {TABLE} DROP COLUMN IF EXISTS claimed_by",
+    f"ALTER TABLE {TABLE} DROP COLUMN IF EXISTS completed_at",
+    f"DROP INDEX IF EXISTS {TABLE}_claimed",
+]
+
+_EFFECT_ROW = "state, result::text, task_name, claimed_at, claimed_by"
+# Under the key's advisory lock, in autocommit: insert the claim (committed at once), or
+# read the row an earlier run left. Every claimer holds the lock first, so the row seen is
+# not changing under it.
+EFFECT_CLAIM = (
+    f"WITH claimed AS (INSERT INTO {TABLE} (key, task_name, state, claimed_at, claimed_by) "
+    f"VALUES (%s, %s, '{CLAIMED}', now(), %s) ON CONFLICT (key) DO NOTHING "
+    f"RETURNING {_EFFECT_ROW}, true AS new) "
+    "SELECT * FROM claimed UNION ALL "
+    f"SELECT {_EFFECT_ROW}, false FROM {TABLE} WHERE key = %s AND NOT EXISTS (SELECT FROM claimed)"
+)
+# A rerun of an orphaned claim takes it over (policy "rerun").
+EFFECT_RECLAIM = (
+    f"UPDATE {TABLE} SET claimed_at = now(), claimed_by = %s, task_name = coalesce(%s, task_name) "
+    f"WHERE key = %s AND state = '{CLAIMED}'"
+)
+# The owner's completion, or an operator's "it happened".
+EFFECT_COMPLETE = (
+    f"UPDATE {TABLE} SET state = '{DONE}', result = CAST(%s AS jsonb), completed_at = now() "
+    f"WHERE key = %s AND state = '{CLAIMED}'"
+)
+EFFECT_SKIP = (
+    f"UPDATE {TABLE} SET state = '{SKIPPED}', completed_at = now() "
+    f"WHERE key = %s AND state = '{CLAIMED}'"
+)
+# For an operator (lifeguard effects): the claims not completed, oldest first.
+EFFECT_UNRESOLVED = (
+    f"SELECT key, task_name, claimed_at, claimed_by FROM {TABLE} "
+    f"WHERE state = '{CLAIMED}' ORDER BY claimed_at LIMIT %s"
+)
+EFFECT_RELEASE = f"DELETE FROM {TABLE} WHERE key = %s AND state = '{CLAIMED}'"
+# Is the owner alive: is its bigint advisory lock (classid high, objid low 32 bits) held?
+EFFECT_LOCK_HELD = (
+    "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND objsubid = 1 AND classid = %s AND objid = %s "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+)
+
+UNDEFINED_COLUMN = "42703"
+
+
+def effect_lock_id(key: str) -> int:
+    """The advisory lock an effect's owner holds from claim to completion: not the
+    singleton lock of the same key (:func:`lock_id`), so the two never block each other."""
+    return lock_id(f"effect\0{key}")
+
+
+def effect_storage_error(exc: BaseException) -> OnceStorageError | None:
+    """:func:`storage_error`, and the table of an older lifeguard, without the effect
+    columns."""
+    if sqlstate(exc) == UNDEFINED_COLUMN:
+        return OnceStorageError(
+            f"table {TABLE} has no effect columns (state, claimed_at...): run "
+            "`lifeguard migrate --database-url URL` again (or `manage.py migrate lifeguard`)"
+        )
+    return storage_error(exc)

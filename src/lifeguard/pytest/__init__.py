@@ -12,14 +12,16 @@ Every test then sends its tasks to one real ``celery worker`` of ``proj.celery``
 lifeguard installed (prefork unless a marker or ``lifeguard_pool`` says otherwise),
 started once per session. After each test that sent tasks, what lifeguard saw inside the
 worker while running them (a transaction left open, a statement interrupted, a
-connection leaked by a thread, a task failing on a database fault, a backend still idle
-in transaction) fails the test, naming the task, the reason and where. See
-docs/pytest.md.
+connection leaked by a thread or greenlet, a task failing on a database fault) and what
+the database shows (a backend still idle in transaction, sessions the server counted as
+abandoned or fatal while the tasks ran) fails the test, naming the task, the reason and
+where. See docs/pytest.md.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +30,14 @@ from typing import Any
 import pytest
 
 from ..options import size_in_bytes
-from .worker import CHECKS, ActivityReader, Finding, SessionWorker
+from .worker import (
+    CHECKS,
+    ActivityReader,
+    Finding,
+    SessionEnds,
+    SessionWorker,
+    sessions_abandoned,
+)
 
 MIN_SLOPE_POINTS = 5
 POOLS = ("prefork", "threads", "gevent", "eventlet", "solo")
@@ -95,6 +104,12 @@ class _State:
         self.worker: SessionWorker | None = None
         self.app: Any = None
         self.activity: ActivityReader | None = None
+        self.sessions_check = True
+        # The figures read at the running test's first publish, or why they could not be.
+        self.before: SessionEnds | None = None
+        self.before_error: Exception | None = None
+        # The bad session ends read after the last checked test, and that test's id.
+        self.last_ends: tuple[SessionEnds, str] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -143,8 +158,9 @@ class _State:
         if self.worker is not None and self.worker.pool == pool:
             return self.worker
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(self.app)
             self.worker = None
+        self.last_ends = None  # the old worker's sessions end now: no test's doing
         path, app = self.load_app(request)
         self.app = app
         broker = str(self.config.getini("lifeguard_broker_url") or "")
@@ -173,19 +189,117 @@ class _State:
             databases=databases,
             rootdir=str(self.config.rootpath),
             queues=list(self.config.getini("lifeguard_queues")),
-        ).start()
+        )
+        self.worker.on_first_publish = self.note_session_ends
+        self.worker.start()
         return self.worker
+
+    def _database_check_failed(self, what: str, exc: Exception) -> None:
+        """The check, not the test, could not run: say so once and stop reading."""
+        from ..postgres.conninfo import error_line
+
+        keywords = {k: str(v) for k, v in (self.activity.conninfo if self.activity else {}).items()}
+        conninfo = keywords.pop("conninfo", "")
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
+        warnings.warn(
+            LifeguardWarning(
+                f"lifeguard: cannot read {what} ({type(exc).__name__}: "
+                f"{error_line(exc, conninfo, keywords)[:200]}); the database checks "
+                "(idle_in_transaction, sessions_abandoned) are off"
+            ),
+            stacklevel=1,
+        )
+
+    def note_session_ends(self) -> None:
+        """At a test's first publish (``SessionWorker.on_first_publish``), before its
+        first task goes out: the session figures its tasks' are compared with. Only
+        tests that send tasks pay for the read; a failure is reported after the test,
+        never inside the publish."""
+        self.before = None
+        if self.activity is None or not self.sessions_check:
+            return
+        try:
+            self.before = self.activity.session_ends()
+        except Exception as exc:
+            self.before_error = exc
+
+    def _late_session_ends(self, before: SessionEnds) -> None:
+        """Sessions that ended badly after the previous checked test's read and before
+        this test's tasks went out (a process or thread its tasks started that outlived
+        them) are not this test's: a warning names that test."""
+        if self.last_ends is None:
+            return
+        previous, test = self.last_ends
+        self.last_ends = None
+        late = sessions_abandoned(previous, before, test)
+        if late:
+            lines = "\n".join(f"    seen in {line}" for line in late[0].where)
+            warnings.warn(
+                LifeguardWarning(
+                    f"lifeguard: database sessions ended badly after {test} was checked "
+                    "(a process or thread its tasks started that outlived them?), before "
+                    f"this test sent its tasks:\n{lines}"
+                ),
+                stacklevel=1,
+            )
+
+    def _sessions_unreadable(self, exc: Exception) -> None:
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.UndefinedColumn):  # PostgreSQL 13 or older
+            self.sessions_check = False
+            warnings.warn(
+                LifeguardWarning(
+                    "lifeguard: this PostgreSQL has no session figures in "
+                    "pg_stat_database (they came in PostgreSQL 14); the sessions_abandoned "
+                    "check is off"
+                ),
+                stacklevel=1,
+            )
+        else:
+            self._database_check_failed("pg_stat_database", exc)
+
+    def database_findings(
+        self, item: pytest.Item, worker: SessionWorker, sent: list[tuple[str, str]]
+    ) -> list[Finding]:
+        """What the database shows after the test's tasks: backends of the worker idle
+        in transaction, sessions that ended badly while the tasks ran (one round trip)."""
+        before, self.before = self.before, None
+        if self.before_error is not None:
+            error, self.before_error = self.before_error, None
+            self._sessions_unreadable(error)
+        if self.activity is None:
+            return []
+        names = " or ".join(sorted({name for _, name in sent}))
+        pids = worker.pids()
+        after: SessionEnds | None = None
+        rows = None
+        try:
+            if before is not None and self.sessions_check:
+                rows, after = self.activity.after_test(pids)
+            found = self.activity.idle_in_transaction(pids, names, rows)
+        except Exception as exc:
+            self._database_check_failed("pg_stat_activity and pg_stat_database", exc)
+            return []
+        if before is None or after is None:
+            return found
+        self._late_session_ends(before)
+        self.last_ends = (after, item.nodeid)
+        return found + sessions_abandoned(before, after, names)
 
     def stop(self) -> None:
         if self.activity is not None:
             self.activity.close()
             self.activity = None
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(self.app)
             self.worker = None
 
 
 _STATE = pytest.StashKey[_State]()
+_CHECKED = pytest.StashKey[bool]()  # on a test that got the worker: check it after
 
 
 def _has_fixture(request: pytest.FixtureRequest, name: str) -> bool:
@@ -243,7 +357,8 @@ def _django_configured() -> bool:
 def _conninfo(url: str) -> dict[str, Any] | None:
     """libpq keywords of the database whose pg_stat_activity the plugin reads."""
     if url:
-        return {"conninfo": url}
+        # A SQLAlchemy URL names its driver (postgresql+psycopg://): libpq takes the rest.
+        return {"conninfo": re.sub(r"^(postgres(?:ql)?)\+\w+://", r"\1://", url.strip())}
     if not _django_configured():
         return None
     from django.db import connections
@@ -282,6 +397,7 @@ def lifeguard_worker(request: pytest.FixtureRequest, _lifeguard_session: _State)
     pool replaces it). Tasks the test sends are checked after it.
     """
     settings = _lifeguard_session.settings(request.node)
+    request.node.stash[_CHECKED] = True
     return _lifeguard_session.worker_for(request, settings.pool)
 
 
@@ -300,30 +416,22 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     worker = state.worker
     if worker is not None:
         worker.take_published()  # tasks sent by fixtures' setup are the fixture's own
+        state.before = state.before_error = None  # the test's first publish reads them
     result = yield
     worker = state.worker
     if worker is None:
         return result
     sent = worker.take_published()
+    if not item.stash.get(_CHECKED, False):
+        # Not a test of the worker: its tasks (a celery_worker fixture's in-process
+        # worker, a mocked publish) are not waited for, nor checked.
+        return result
     ids = [task_id for task_id, _ in sent]
     findings: list[Finding] = []
     if ids:
         ids = worker.settle(ids, float(item.config.getini("lifeguard_wait")))
         findings = worker.findings(ids)
-    if ids and state.activity is not None:
-        try:
-            names = " or ".join(sorted({name for _, name in sent}))
-            findings += state.activity.idle_in_transaction(worker.pids(), names)
-        except Exception as exc:  # the check, not the test, could not run: say so once
-            state.activity.close()
-            state.activity = None
-            warnings.warn(
-                LifeguardWarning(
-                    f"lifeguard: cannot read pg_stat_activity ({type(exc).__name__}: "
-                    f"{str(exc).strip()[:200]}); the idle_in_transaction check is off"
-                ),
-                stacklevel=1,
-            )
+        findings += state.database_findings(item, worker, sent)
     settings = state.settings(item)
     findings = [f for f in findings if f.check not in settings.allow]
     if findings:

@@ -5,8 +5,9 @@ The plugin's worker loads :mod:`lifeguard.pytest.worker_app`, which adds a
 appends JSON lines to ``<events dir>/<pid>.jsonl``: one per counter lifeguard increments
 for a task (a transaction rolled back, a query cancelled, a leak, a discard and its
 reason), one per warning lifeguard logs while a task is current (the words and the
-place), one when a task fails on a database error, one per task a task sends, and a
-``done`` line when the task's last phase has run, carrying the process's RSS. The test
+place), one when a task fails on a database error, one per task a task sends, a
+``start`` line when a task begins and a ``done`` line when its last phase has run,
+carrying the process's RSS. The test
 process reads the files: no broker round trip, nothing shared between processes but the
 directory.
 """
@@ -95,20 +96,24 @@ class Recorder(Hook):
     def on_process_start(self, worker: WorkerInfo, forked: bool) -> None:
         self.write({"kind": "process", "forked": forked})
 
+    def before_task(self, run: TaskRun) -> None:
+        # Which process runs it: if that process dies mid-task, no "done" line follows.
+        self.write({"kind": "start", "task": run.name, "task_id": run.id})
+
     def after_task(self, run: TaskRun, outcome: TaskOutcome) -> None:
         exc = outcome.exception
         # A soft time limit is its own finding (the statement it interrupted), not a fault.
         soft_limit = outcome.kind is OutcomeKind.SOFT_TIME_LIMIT
         if exc is not None and not soft_limit and _database_error(exc):
-            code = failures.sqlstate(exc)
+            first_line = (str(exc).strip().splitlines() or [""])[0]
             self.write(
                 {
                     "kind": "database_fault",
                     "task": run.name,
                     "task_id": run.id,
-                    "sqlstate": code,
+                    "sqlstate": failures.chain_sqlstate(exc),
                     "failure": failures.classify(exc).value,
-                    "message": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0:1]}",
+                    "message": f"{type(exc).__name__}: {first_line}",
                 }
             )
         memory = next((h for h in self.guard.hooks if h.name == "memory"), None)

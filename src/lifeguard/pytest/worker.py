@@ -14,12 +14,14 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ CHECKS = {
     "database_fault": "failed because of a database fault",
     "idle_in_transaction": "left a backend idle in transaction after the test "
     "(seen in pg_stat_activity)",
+    "sessions_abandoned": "left database sessions the server counts as abandoned or "
+    "ended by a fatal error (seen in pg_stat_database)",
 }
 
 _DISCARD_CHECKS = {
@@ -102,9 +106,14 @@ class SessionWorker:
         self.offsets: dict[Path, int] = {}
         self.by_task: dict[str, list[Event]] = defaultdict(list)  # task id -> its events
         self.done: dict[str, Event] = {}
+        self.started: dict[str, int] = {}  # task id -> pid of the process running it
+        self.lost: dict[str, int] = {}  # task id -> pid of the process that died in it
         self.seq = 0
         self.published: list[tuple[str, str]] = []  # (task id, task name)
+        # Called before the first task published since take_published() goes out.
+        self.on_first_publish: Callable[[], None] | None = None
         self._lock = threading.Lock()
+        self.nodename = f"lifeguard-pytest-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         env = {
             ENV_EVENTS: self.events_dir,
             names.ENV_APP: app_path,
@@ -121,7 +130,7 @@ class SessionWorker:
             pool=pool,
             concurrency=concurrency,
             queue=",".join(queues) if queues else _default_queue(app_path),
-            hostname=f"lifeguard-pytest-{uuid.uuid4().hex[:8]}@%h",
+            hostname=self.nodename,
             env=env,
             cwd=rootdir,
         )
@@ -133,10 +142,18 @@ class SessionWorker:
         self.worker.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, app: Any = None) -> None:
+        """Warm shutdown. Asked by remote control first when ``app`` is given: a gevent
+        or eventlet worker acts on SIGTERM only when its event loop next wakes (4 to 5 s
+        with a Redis broker), on the control message at once."""
         from celery.signals import before_task_publish
 
         before_task_publish.disconnect(self._published)
+        process = self.worker.process
+        if app is not None and process is not None and process.poll() is None:
+            with contextlib.suppress(Exception):  # remote control off, broker gone: SIGTERM
+                app.control.shutdown(destination=[self.nodename])
+                process.wait(10)
         self.worker.stop()
         shutil.rmtree(self.events_dir, ignore_errors=True)
 
@@ -151,7 +168,11 @@ class SessionWorker:
         task_id = (headers or {}).get("id")
         if task_id:
             with self._lock:
+                first = not self.published
                 self.published.append((str(task_id), str((headers or {}).get("task"))))
+            if first and self.on_first_publish is not None:
+                with contextlib.suppress(Exception):  # never in the way of a publish
+                    self.on_first_publish()
 
     def take_published(self) -> list[tuple[str, str]]:
         """The (id, name) of the tasks published since the last call."""
@@ -181,6 +202,8 @@ class SessionWorker:
                 self.by_task[task_id].append(event)
                 if record.get("kind") == "done":
                     self.done[task_id] = event
+                elif record.get("kind") == "start":
+                    self.started[task_id] = pid
 
     def wait_done(self, ids: list[str], timeout: float) -> list[str]:
         """Wait until every task of ``ids`` has run its last phase; the ids still not done."""
@@ -189,12 +212,24 @@ class SessionWorker:
         while True:
             self.read()
             missing = [task_id for task_id in ids if task_id not in self.done]
+            if missing and pause >= 0.008:  # ~8 ms late: did its process die in it?
+                missing = self._not_lost(missing)
             if not missing or time.monotonic() > deadline:
                 return missing
             if self.worker.process is not None and self.worker.process.poll() is not None:
                 return missing
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+
+    def _not_lost(self, missing: list[str]) -> list[str]:
+        """``missing`` without the tasks whose process died while running them (an
+        ``os._exit``, a signal, the OOM killer): no ``done`` line will come for those."""
+        alive = set(self.pids())
+        for task_id in missing:
+            pid = self.started.get(task_id)
+            if pid is not None and pid not in alive:
+                self.lost[task_id] = pid
+        return [task_id for task_id in missing if task_id not in self.lost]
 
     def settle(self, ids: list[str], timeout: float) -> list[str]:
         """Wait for ``ids`` and every task they sent, transitively (a chain's links);
@@ -224,6 +259,8 @@ class SessionWorker:
         events = [event for task_id in ids for event in self.by_task.pop(task_id, ())]
         for task_id in ids:
             self.done.pop(task_id, None)
+            self.started.pop(task_id, None)
+            self.lost.pop(task_id, None)
         for event in events:
             record = event.record
             task_id = record["task_id"]
@@ -264,31 +301,105 @@ def _default_queue(app_path: str) -> str:
     return str(app.conf.task_default_queue or "celery")
 
 
+@dataclass(frozen=True)
+class SessionEnds:
+    """``pg_stat_database``'s counts of one database's sessions that ended badly so far
+    (cumulative since the server's stats were last reset)."""
+
+    database: str
+    abandoned: int  # the client went away without closing the session
+    fatal: int  # the server ended the session with a FATAL error
+
+
+#: pg_stat_database column -> what a session counted there went through.
+_SESSION_ENDS = {
+    "abandoned": "sessions_abandoned: the client went away without closing the session "
+    "(a process that exited or was killed with a connection open, a cut connection)",
+    "fatal": "sessions_fatal: the server ended the session with a FATAL error "
+    "(idle_session_timeout, idle_in_transaction_session_timeout, a client lost mid-reply; "
+    "the server's log has the error)",
+}
+
+
+def sessions_abandoned(before: SessionEnds, after: SessionEnds, tasks: str) -> list[Finding]:
+    """A finding when sessions of the database ended badly between ``before`` and
+    ``after`` (the test's tasks ran between them)."""
+    where = []
+    for figure, words in _SESSION_ENDS.items():
+        grew = getattr(after, figure) - getattr(before, figure)
+        if grew > 0:
+            where.append(f"pg_stat_database of {after.database}: {grew} more in {words}")
+    return [Finding("sessions_abandoned", tasks, None, None, where)] if where else []
+
+
+_IDLE_COLUMNS = "a.pid, a.xact_start, a.application_name, a.datname, a.state, left(a.query, 200)"
+# The worker's backends (lifeguard's application_name ends in ":<pid>").
+_IDLE_WHERE = "a.state LIKE 'idle in transaction%%' AND a.application_name LIKE ANY(%s)"
+
+
 class ActivityReader:
-    """One autocommit session of the test process that reads pg_stat_activity after
-    each test (a new session per test would cost more than the check)."""
+    """One autocommit session of the test process that reads pg_stat_activity and
+    pg_stat_database around each test (a new session per test would cost more than the
+    checks)."""
 
     def __init__(self, conninfo: dict[str, Any]) -> None:
         self.conninfo = conninfo
         self.conn: Any = None
         self.reported: set[tuple[Any, ...]] = set()  # idle transactions already reported
 
-    def rows(self, pids: list[int]) -> list[tuple[Any, ...]]:
+    def connection(self) -> Any:
         import psycopg
 
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(
                 **self.conninfo, autocommit=True, application_name="lifeguard-pytest"
             )
+        return self.conn
+
+    def session_ends(self) -> SessionEnds:
+        """The database's abandoned and fatal session counts now.
+
+        A backend writes its session's end to the statistics as it exits, before its
+        slot is free: the figures are current within a millisecond of a client's exit,
+        and each autocommit statement reads them afresh (its own stats snapshot)."""
+        row = (
+            self.connection()
+            .execute(
+                "SELECT datname, sessions_abandoned, sessions_fatal FROM pg_stat_database "
+                "WHERE datname = current_database()"
+            )
+            .fetchone()
+        )
+        return SessionEnds(str(row[0]), int(row[1]), int(row[2]))
+
+    def rows(self, pids: list[int]) -> list[tuple[Any, ...]]:
         suffixes = [f"%:{pid}" for pid in pids]
         return list(
-            self.conn.execute(
-                "SELECT pid, xact_start, application_name, datname, state, left(query, 200) "
-                "FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%' "
-                "AND application_name LIKE ANY(%s)",
+            self.connection()
+            .execute(
+                f"SELECT {_IDLE_COLUMNS} FROM pg_stat_activity a WHERE {_IDLE_WHERE}",
                 [suffixes],
-            ).fetchall()
+            )
+            .fetchall()
         )
+
+    def after_test(self, pids: list[int]) -> tuple[list[tuple[Any, ...]], SessionEnds]:
+        """pg_stat_activity's idle-in-transaction rows of ``pids`` and the session
+        figures, in one round trip (the database's row, joined to the idle backends)."""
+        suffixes = [f"%:{pid}" for pid in pids]
+        rows = (
+            self.connection()
+            .execute(
+                "SELECT d.datname, d.sessions_abandoned, d.sessions_fatal, "
+                f"{_IDLE_COLUMNS} FROM pg_stat_database d "
+                f"LEFT JOIN pg_stat_activity a ON {_IDLE_WHERE} "
+                "WHERE d.datname = current_database()",
+                [suffixes],
+            )
+            .fetchall()
+        )
+        ends = SessionEnds(str(rows[0][0]), int(rows[0][1]), int(rows[0][2]))
+        return [row[3:] for row in rows if row[3] is not None], ends
 
     def close(self) -> None:
         if self.conn is not None:
@@ -296,12 +407,16 @@ class ActivityReader:
                 self.conn.close()
             self.conn = None
 
-    def idle_in_transaction(self, pids: list[int], tasks: str) -> list[Finding]:
-        """Backends of the worker's processes idle in transaction now; ``tasks`` names
-        the tasks the test sent (the backend's own task is not known). Each transaction
-        is reported once, in the first test after it began, not again in every later
-        test while it lasts."""
-        return idle_in_transaction(self.rows(pids) if pids else [], tasks, self.reported)
+    def idle_in_transaction(
+        self, pids: list[int], tasks: str, rows: list[tuple[Any, ...]] | None = None
+    ) -> list[Finding]:
+        """Backends of the worker's processes idle in transaction now (``rows`` when
+        read already); ``tasks`` names the tasks the test sent (the backend's own task
+        is not known). Each transaction is reported once, in the first test after it
+        began, not again in every later test while it lasts."""
+        if rows is None:
+            rows = self.rows(pids) if pids else []
+        return idle_in_transaction(rows, tasks, self.reported)
 
 
 def idle_in_transaction(

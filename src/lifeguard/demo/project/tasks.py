@@ -357,3 +357,83 @@ def bench_redis_lock(self: Any, value: str, count: bool = False) -> int:
         return int(bench_write(value, count))
     finally:
         _redis[0].delete(key)
+
+
+# --- external side effects: claim / complete (docs/once.md; tests/test_effects.py) -------
+# The "remote API" is the table lifeguard_effect_remote (idempotency_key, key, pid), made by
+# the tests and written on a connection of its own in autocommit: a call, once made, stays
+# made whatever happens to the task. A real API would apply each idempotency key once.
+
+
+def _remote_call(idempotency_key: str, key: str) -> int:
+    """Records one call of the remote API; returns how many calls of ``key`` it has seen."""
+    raw = connection.Database.connect(**connection.get_connection_params())  # not pooled
+    try:
+        raw.autocommit = True
+        cur = raw.cursor()
+        cur.execute(
+            "INSERT INTO lifeguard_effect_remote (idempotency_key, key, pid) VALUES (%s, %s, %s)",
+            [idempotency_key, key, os.getpid()],
+        )
+        cur.execute("SELECT count(*) FROM lifeguard_effect_remote WHERE key = %s", [key])
+        return int(cur.fetchone()[0])
+    finally:
+        raw.close()
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+def effect_call(
+    key: str, on_orphan: str = "rerun", on_busy: str = "wait", hold: float = 0.0
+) -> dict[str, Any]:
+    """One remote call per run that must make it; after the key's first call, holds the
+    claim ``hold`` s before completing, for a test to SIGKILL the process there."""
+    with lifeguard.effect(key, on_orphan=on_orphan, on_busy=on_busy) as effect:  # type: ignore[arg-type]
+        if not effect.done:
+            calls = _remote_call(effect.idempotency_key, key)
+            if calls == 1:
+                time.sleep(hold)
+            effect.result = {"pid": os.getpid(), "calls": calls}
+    return {
+        "status": effect.status,
+        "result": effect.result,
+        "idempotency_key": effect.idempotency_key,
+        "waited": effect.waited,
+        "orphaned": effect.orphaned,
+    }
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+@lifeguard.effect_task(key=lambda key: key)
+def effect_decorated(key: str) -> dict[str, Any]:
+    """The decorator form: its return value is stored; a rerun returns it without a call."""
+    calls = _remote_call(lifeguard.current_effect().idempotency_key, key)
+    return {"pid": os.getpid(), "calls": calls}
+
+
+@shared_task
+def bench_effect(key: str, guard: str, call_ms: float = 0.0) -> bool:
+    """benchmarks/effects.py: a simulated remote call of ``call_ms``, claimed by ``guard``:
+    "none", "effect" (lifeguard.effect), or "redis" (a celery-once-style claim: SET NX EX
+    before, SET done after). Returns whether the call was made."""
+
+    def call() -> None:
+        time.sleep(call_ms / 1000)
+
+    if guard == "none":
+        call()
+        return True
+    if guard == "effect":
+        with lifeguard.effect(key) as effect:
+            if not effect.done:
+                call()
+        return not effect.done
+    if not _redis:
+        import redis
+
+        _redis.append(redis.Redis.from_url(os.environ["LIFEGUARD_SANDBOX_BROKER_URL"]))
+    claim = f"qo_effect_{key}"
+    if not _redis[0].set(claim, "claimed", nx=True, ex=3600):
+        return False
+    call()
+    _redis[0].set(claim, "done", ex=3600)
+    return True
