@@ -401,6 +401,32 @@ def test_pgbouncer_mode_said_on_the_command_line():
     assert run.only("LG015")["evidence"]["pooler"] == "--pgbouncer transaction"
 
 
+def test_singleton_behind_transaction_pooling_needs_a_direct_url(test_db: Database):
+    """A real PgBouncer in transaction mode: a singleton task locking on the pooled engine
+    is critical; with singleton_database_url going straight to PostgreSQL it is fine."""
+    with running_pgbouncer(test_db.server, test_db.name, admin=True) as pooler:
+        env = {"DOCTOR_DB_URL": pooler.split("?")[0], "DOCTOR_SINGLETON": "1"}
+        run = doctor("sqla", "--database-url", pooler, env=env)
+        direct = doctor(
+            "sqla", "--database-url", pooler, env={**env, "DOCTOR_SINGLETON_URL": test_db.url}
+        )
+
+    finding = run.only("LG023")
+    assert finding["severity"] == "critical" and run.exit_code == CRITICAL
+    assert finding["subject"] == "tests.doctor_apps.sqla.nightly_export"
+    assert "singleton_database_url" in finding["fix"]
+    assert "LG023" not in direct.ids
+
+
+def test_singleton_with_the_pool_mode_said_on_the_command_line():
+    pooled = {"DOCTOR_SINGLETON": "1"}
+    transaction = doctor("sqla", "--no-database", "--pgbouncer", "transaction", env=pooled)
+    session = doctor("sqla", "--no-database", "--pgbouncer", "session", env=pooled)
+
+    assert transaction.only("LG023")["evidence"]["pooler"] == "--pgbouncer transaction"
+    assert "LG023" not in session.ids
+
+
 def test_green_workers_count_their_green_budget_not_their_concurrency(
     doctor_db: Database, roles: dict[str, str]
 ):

@@ -3,6 +3,7 @@ every count read from PostgreSQL (docs/once.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,12 +11,21 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 import pytest
 
+from lifeguard.demo.postgres import free_port
+from lifeguard.demo.project.round_trips import count_round_trips
+from lifeguard.postgres import once_sql
 from lifeguard.postgres.appname import parse_application_name
 from lifeguard.postgres.once_sql import lock_id
+from tests.monitor_support import lifeguard as run_lifeguard
+from tests.monitor_support import role as login_role
+from tests.monitor_support import samples, scrape
+from tests.pgbouncer_support import running_pgbouncer
 from tests.support import Database, SandboxTasks
 
 
@@ -88,6 +98,96 @@ def harness(
     return sqla_worker, sqla_tasks
 
 
+# --- the claim statement and the round trips, on two real sessions -----------------------
+
+
+def _claim(conn: Any, key: str) -> tuple[bool, Any]:
+    row = conn.execute(once_sql.CLAIM_OR_FETCH, [key, "t"]).fetchone()
+    return bool(row[0]), row[1]
+
+
+def test_claim_loser_waits_for_the_winners_commit_then_gets_its_result(clean: Database) -> None:
+    """The one-statement claim: a second session's claim waits on the first's uncommitted
+    key, then returns the committed result (not an empty snapshot read)."""
+    with psycopg.connect(clean.url) as winner, psycopg.connect(clean.url) as loser:
+        assert _claim(winner, "race") == (True, None)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_claim, loser, "race")
+            time.sleep(0.3)
+            assert not waiting.done()  # blocked on the unique index
+            winner.execute(once_sql.STORE, ['{"n": 1}', "race"])
+            winner.commit()
+            assert waiting.result(timeout=5) == (False, '{"n": 1}')
+        loser.rollback()
+        assert _claim(loser, "race") == (False, '{"n": 1}')  # and without a race
+        loser.rollback()
+
+
+def test_claim_loser_of_a_rolled_back_winner_claims_the_key(clean: Database) -> None:
+    with psycopg.connect(clean.url) as winner, psycopg.connect(clean.url) as loser:
+        assert _claim(winner, "undone") == (True, None)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_claim, loser, "undone")
+            time.sleep(0.3)
+            winner.rollback()
+            assert waiting.result(timeout=5) == (True, None)
+        loser.commit()
+    assert clean.execute("SELECT count(*) FROM lifeguard_once WHERE key = 'undone'") == [(1,)]
+
+
+def test_once_block_costs_one_round_trip_and_its_commit_failure_keeps_nothing(
+    clean: Database,
+) -> None:
+    """SQLAlchemy + psycopg 3, the block owning the transaction: the claim is the only
+    extra round trip (the result goes out with the COMMIT). A COMMIT the server refuses
+    (a deferred constraint) raises, and neither key nor writes are kept."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.orm import Session
+
+    import lifeguard
+
+    clean.execute(
+        "CREATE TABLE IF NOT EXISTS lifeguard_once_deferred (n int UNIQUE DEFERRABLE "
+        "INITIALLY DEFERRED)"
+    )
+    clean.execute("TRUNCATE lifeguard_once_deferred")
+    url = clean.url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(url, pool_size=1, max_overflow=0)  # one connection to trace
+    write = text("INSERT INTO lifeguard_once_effects (key, value) VALUES (:k, 'v')")
+    with Session(engine) as session:
+        raw = session.connection().connection.dbapi_connection
+        session.commit()
+
+        def unguarded() -> None:
+            session.execute(write, {"k": "plain"})
+            session.commit()
+
+        def guarded(key: str) -> Callable[[], None]:
+            def run() -> None:
+                with lifeguard.once(key, session=session) as block:
+                    if not block.done:
+                        session.execute(write, {"k": key})
+                        block.result = {"key": key}
+
+            return run
+
+        plain = count_round_trips(raw.pgconn, unguarded)
+        assert count_round_trips(raw.pgconn, guarded("g1")) == plain + 1
+        assert (
+            count_round_trips(raw.pgconn, guarded("g1")) <= plain + 1
+        )  # the skip path: claim, rollback
+        refused = lifeguard.once("refused", session=session)
+        with pytest.raises(IntegrityError), refused as block:
+            session.execute(text("INSERT INTO lifeguard_once_deferred VALUES (1), (1)"))
+            block.result = {"kept": True}
+    engine.dispose()
+    assert effects(clean) == [("g1", "v"), ("plain", "v")]
+    assert clean.execute("SELECT key, result FROM lifeguard_once ORDER BY key") == [
+        ("g1", {"key": "g1"})
+    ]
+
+
 # --- exactly-once effects -----------------------------------------------------------------
 
 
@@ -132,7 +232,7 @@ def test_killed_before_commit_redelivery_runs_once(
     [("django", "once_decorated"), ("sqlalchemy", "once_effect"), ("async", "async_once_effect")],
     indirect=["harness"],
 )
-def test_two_workers_racing_200_tasks_over_20_keys_make_20_effects(
+def test_two_workers_racing_500_tasks_over_50_keys_make_50_effects(
     harness: Harness, task: str, clean: Database
 ) -> None:
     """Concurrent runs of a key serialise on its unique index: one effect per key, and
@@ -140,16 +240,32 @@ def test_two_workers_racing_200_tasks_over_20_keys_make_20_effects(
     start, send = harness
     start(concurrency=2)
     start(concurrency=2)
-    keys = [f"k{i:02d}" for i in range(20)]
-    sent = [(keys[i % 20], send.send(task, keys[i % 20], f"v{i}")) for i in range(200)]
+    keys = [f"k{i:02d}" for i in range(50)]
+    sent = [(keys[i % 50], send.send(task, keys[i % 50], f"v{i}")) for i in range(500)]
     results: dict[str, set[str]] = {}
     for key, result in sent:
         out = result.get(timeout=60)
         results.setdefault(key, set()).add(out["value"])
     rows = effects(clean)
-    assert len(rows) == 20 and {key for key, _ in rows} == set(keys)
+    assert len(rows) == 50 and {key for key, _ in rows} == set(keys)
     for key, value in rows:
         assert results[key] == {value}, (key, results[key], value)
+
+
+def test_django_result_sent_with_the_commit_still_runs_on_commit_callbacks(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks
+) -> None:
+    """Django's atomic() exit finds the connection already committed: its on_commit()
+    callbacks run; a COMMIT the server refuses raises Django's IntegrityError, runs no
+    callback and keeps neither the key nor the writes."""
+    sandbox_worker()
+    assert tasks.run("once_on_commit", "hooked") == {"on_commit_ran": True, "error": None}
+    stored = clean.execute("SELECT result FROM lifeguard_once WHERE key = 'hooked'")
+    assert stored == [({"stored": True},)]
+    refused = tasks.run("once_on_commit", "refused", True)
+    assert refused == {"on_commit_ran": False, "error": "IntegrityError"}
+    assert clean.execute("SELECT count(*) FROM lifeguard_once WHERE key = 'refused'") == [(0,)]
+    assert effects(clean) == [("hooked", "v")]
 
 
 def test_missing_table_is_a_clear_error(
@@ -164,6 +280,26 @@ def test_missing_table_is_a_clear_error(
         state, error = tasks.outcome("once_effect", "k", "v")
     assert state == "FAILURE"
     assert "lifeguard migrate" in str(error), error
+
+
+def test_role_without_privileges_fails_naming_the_table_and_the_grant(
+    once_db: Database, sandbox_worker: Any, tasks: SandboxTasks
+) -> None:
+    """42501: the workers' role may write the effect table but not lifeguard_once. The
+    task fails saying which GRANT to run, and its body did not run unguarded."""
+    role_name = f"lg_once_{uuid.uuid4().hex[:6]}"
+    with login_role(once_db.server, role_name) as role:
+        once_db.execute(f'GRANT INSERT ON lifeguard_once_effects TO "{role}"')
+        try:
+            sandbox_worker(db_url=once_db.server.url(once_db.name, user=role))
+            key = f"denied:{uuid.uuid4().hex[:6]}"
+            state, error = tasks.outcome("once_effect", key, "v")
+        finally:
+            once_db.execute(f'REVOKE ALL ON lifeguard_once_effects FROM "{role}"')
+    assert state == "FAILURE"
+    assert "permission denied on table lifeguard_once" in str(error), error
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON lifeguard_once TO {role}" in str(error)
+    assert effects(once_db, key) == []
 
 
 # --- singleton ------------------------------------------------------------------------------
@@ -203,22 +339,103 @@ def test_singleton_holder_sigkilled_next_run_acquires_within_a_second(
     holder.get(timeout=20, propagate=False)
 
 
-def test_contended_singleton_runs_never_overlap(
+@pytest.mark.slow
+def test_1000_contended_singleton_runs_never_overlap(
     clean: Database, sandbox_worker: Any, tasks: SandboxTasks
 ) -> None:
-    """60 runs of one key on 4 processes: the exclusion constraint would refuse an
-    overlapping interval, and the self-join finds none; skip mode skips while held."""
+    """1,000 runs of one key on 4 processes of 2 workers: the exclusion constraint would
+    refuse an overlapping interval, and the self-join finds none; skip mode skips while
+    held."""
     sandbox_worker(concurrency=2)
     sandbox_worker(concurrency=2)
-    runs = [tasks.send("singleton_run", "shared", 0.02) for _ in range(60)]
-    assert all(run.get(timeout=60)["acquired"] for run in runs)
+    runs = [tasks.send("singleton_run", "shared", 0.001) for _ in range(1000)]
+    assert all(run.get(timeout=120)["acquired"] for run in runs)
     overlaps = clean.execute(
         "SELECT count(*) FROM lifeguard_singleton_runs a JOIN lifeguard_singleton_runs b "
         "ON a.ctid < b.ctid AND a.during && b.during"
     )
     assert overlaps == [(0,)]
-    assert clean.execute("SELECT count(*) FROM lifeguard_singleton_runs") == [(60,)]
+    assert clean.execute("SELECT count(*) FROM lifeguard_singleton_runs") == [(1000,)]
     held = tasks.send("singleton_run", "shared", 3.0)
     wait_for(lambda: advisory_holders(clean, "shared", True))
     assert tasks.run("singleton_run", "shared", 0.0, "skip") == {"acquired": False}
     assert held.get(timeout=20)["acquired"] is True
+
+
+# --- visibility: counters per task name, the holder in `lifeguard monitor` ---------------
+
+SINGLETON_TASK = "lifeguard.demo.project.tasks.singleton_run"
+ONCE_TASK = "lifeguard.demo.project.tasks.once_effect"
+
+
+def test_monitor_names_the_singleton_holder_and_the_counters_reach_the_metrics(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks, prefix: str
+) -> None:
+    """A real held lock: `lifeguard check --json` and its text name the key, the task,
+    the worker process holding it and who waits; the waits, skips and skipped
+    duplicates are counted per task name on the worker's metrics endpoint."""
+    port = free_port()
+    options = json.dumps({"metrics_port": port, "metrics_address": "127.0.0.1"})
+    sandbox_worker(concurrency=3, options=options)
+    key = f"report:{uuid.uuid4().hex[:6]}"
+    holder = tasks.send("singleton_run", key, 4.0)
+    wait_for(lambda: advisory_holders(clean, key, True))
+    waiter = tasks.send("singleton_run", key, 0.0)
+    wait_for(lambda: advisory_holders(clean, key, False))
+    assert tasks.run("singleton_run", key, 0.0, "skip") == {"acquired": False}
+
+    checked = run_lifeguard("check", "--database-url", clean.url, "--prefix", prefix, "--json")
+    [hold] = json.loads(checked.stdout)["singleton_locks"]
+    assert (hold["key"], hold["task"], hold["lock_id"]) == (key, SINGLETON_TASK, lock_id(key))
+    worker_pid = int(hold["worker"].rpartition(":")[2])
+    assert len(hold["waiting"]) == 1 and hold["held_seconds"] is not None
+    text = run_lifeguard("check", "--database-url", clean.url, "--prefix", prefix).stdout
+    assert f"singleton {key!r} (task {SINGLETON_TASK}) held by worker " in text, text
+
+    assert holder.get(timeout=20)["pid"] == worker_pid
+    assert waiter.get(timeout=20)["acquired"] is True
+    first = tasks.run("once_effect", "dup-key", "v1")
+    assert tasks.run("once_effect", "dup-key", "v2") == {**first, "skipped": True}
+
+    def counted() -> dict[str, float]:
+        families = scrape(port)
+        return {
+            name: samples(families, f"lifeguard_{name}_total").get(
+                (("reason", ""), ("task", task)), 0.0
+            )
+            for name, task in [
+                ("singleton_waited", SINGLETON_TASK),
+                ("singleton_skipped", SINGLETON_TASK),
+                ("once_skipped", ONCE_TASK),
+            ]
+        }
+
+    expected = {"singleton_waited": 1.0, "singleton_skipped": 1.0, "once_skipped": 1.0}
+    wait_for(lambda: counted() == expected)
+
+
+# --- behind PgBouncer in transaction mode -------------------------------------------------
+
+
+def test_behind_transaction_pooling_the_lock_goes_direct_and_the_key_through_the_pooler(
+    clean: Database, sandbox_worker: Any, tasks: SandboxTasks, prefix: str
+) -> None:
+    """The workers' connections go through a real PgBouncer in transaction mode; the
+    singleton's lock sessions go straight to PostgreSQL (singleton_database_url), so the
+    lock is held while the holder runs. The once key lives in the task's transaction,
+    which transaction pooling keeps on one server session."""
+    with running_pgbouncer(clean.server, clean.name) as pooler:
+        options = json.dumps({"singleton_database_url": clean.url})
+        sandbox_worker(concurrency=2, db_url=pooler, options=options)
+        key = f"pooled:{uuid.uuid4().hex[:6]}"
+        holder = tasks.send("singleton_run", key, 3.0)
+        [backend] = wait_for(lambda: advisory_holders(clean, key, True))
+        assert tasks.run("singleton_run", key, 0.0, "skip") == {"acquired": False}
+        name = clean.admin(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = %s", [backend]
+        )
+        assert parse_application_name(name[0][0], prefix) is not None  # the worker's, direct
+        assert holder.get(timeout=20)["acquired"] is True
+        first = tasks.run("once_effect", key, "v1")
+        assert tasks.run("once_effect", key, "v2") == {**first, "skipped": True}
+    assert effects(clean, key) == [(key, "v1")]

@@ -153,3 +153,31 @@ print(sorted(guard.options.describe())[:2], guard.stats()["process"])
     )
     assert result.returncode == 0, result.stderr
     assert "{}" in result.stdout
+
+
+def test_singleton_database_url_is_described_without_its_password() -> None:
+    options = Options.resolve({}, {"singleton_database_url": "postgresql://app:s3cret@db/app"})
+    assert options.singleton_database_url == "postgresql://app:s3cret@db/app"
+    assert "s3cret" not in str(options.describe())
+
+
+def test_singleton_lock_statement_names_its_key_for_the_monitor() -> None:
+    """Whatever the key holds, the label cannot close its SQL comment, and reads back."""
+    from lifeguard.postgres import once_sql
+
+    key = 'tenant:*/ DROP TABLE x; --%s"ü'
+    statement = once_sql.labelled(once_sql.TRY_LOCK, key, "proj.tasks.sync")
+    assert statement.count("*/") == 1 and statement.endswith("*/")
+    shown = statement.replace("%%", "%")  # what the server sees once %s is bound
+    assert once_sql.lock_label(shown) == (key, "proj.tasks.sync")
+    assert once_sql.lock_label("SELECT 1") is None
+
+
+def test_a_long_singleton_key_is_cut_to_what_the_monitor_reads() -> None:
+    from lifeguard.postgres import once_sql
+
+    statement = once_sql.labelled(once_sql.LOCK, "k" * 500, "proj.tasks." + "t" * 100)
+    shown = statement.replace("%s", "-9223372036854775808")
+    assert len(shown) <= once_sql.LABEL_STATEMENT_CHARS
+    label = once_sql.lock_label(shown)
+    assert label is not None and label[0].startswith("kkkk")

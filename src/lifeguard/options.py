@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 from .postgres.appname import DEFAULT_PREFIX, validate_prefix
+from .postgres.conninfo import redact_url
 
 CONF_PREFIX = "lifeguard_"
 
@@ -369,6 +370,15 @@ class Options:
         "prepare_threshold=None).",
     )
 
+    # --- singleton locks ------------------------------------------------------------
+    singleton_database_url: str | None = _option(
+        None,
+        _optional_text,
+        "The database URL of singleton (and effect) lock sessions when the workers' connections go "
+        "through PgBouncer in transaction mode: a direct (or session-mode) URL of the same "
+        "database; None uses the task's own database settings.",
+    )
+
     @classmethod
     def names(cls) -> list[str]:
         return [field.name for field in dataclasses.fields(cls)]
@@ -399,7 +409,10 @@ class Options:
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        described = dataclasses.asdict(self)
+        if self.singleton_database_url:  # a URL may carry a password: never shown
+            described["singleton_database_url"] = redact_url(self.singleton_database_url)
+        return described
 
 
 CONF = "the Celery configuration"

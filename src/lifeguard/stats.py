@@ -25,6 +25,11 @@ RECYCLES = "recycles"  # counted per reason: the process asked to be replaced
 HOOK_ERRORS = "hook_errors"
 TASKS_HANDED_BACK = "tasks_handed_back"  # counted per failure class (database trouble)
 HAND_BACKS_EXHAUSTED = "hand_backs_exhausted"  # a task failed after hand_back_limit
+ONCE_SKIPPED = "once_skipped"  # a once block found its key committed: the body skipped
+SINGLETON_WAITED = "singleton_waited"  # the lock was held: the run waited for it
+SINGLETON_SKIPPED = "singleton_skipped"  # the lock was held: on_busy="skip"
+SINGLETON_BUSY = "singleton_busy"  # the run gave up, per reason: timeout | retry
+ORPHANED_CLAIMS = "orphaned_claims"  # a claim whose owner died (external effects)
 
 _Key = tuple[str, str | None]  # (counter, reason)
 

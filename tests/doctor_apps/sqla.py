@@ -8,6 +8,8 @@ DOCTOR_CONNECT       1: run a query at import, so the pool holds a connection be
 DOCTOR_ENGINE_ARGS   JSON keyword arguments of create_engine (pool_size, connect_args,
                      poolclass by name, ...)
 DOCTOR_PROFILE       1: lifeguard option pgbouncer_transaction_mode
+DOCTOR_SINGLETON     1: a singleton task locking on the engine's database
+DOCTOR_SINGLETON_URL the lifeguard option singleton_database_url
 """
 
 import json
@@ -27,7 +29,9 @@ app.conf.worker_prefetch_multiplier = 1
 guard = None
 if os.environ.get("DOCTOR_LIFEGUARD", "1") == "1":
     guard = lifeguard.install(
-        app, pgbouncer_transaction_mode=bool(os.environ.get("DOCTOR_PROFILE"))
+        app,
+        pgbouncer_transaction_mode=bool(os.environ.get("DOCTOR_PROFILE")),
+        singleton_database_url=os.environ.get("DOCTOR_SINGLETON_URL"),
     )
 
 arguments = json.loads(os.environ.get("DOCTOR_ENGINE_ARGS", "{}"))
@@ -47,3 +51,11 @@ if guard is not None and os.environ.get("DOCTOR_REGISTER"):
 @app.task
 def archive(order: int) -> int:
     return order
+
+
+if os.environ.get("DOCTOR_SINGLETON"):
+
+    @app.task
+    @lifeguard.singleton_task(on_busy="skip", engine=engine)
+    def nightly_export() -> None:
+        pass

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
+from .. import stats
 from ..errors import ConfigurationError, LifeguardError
 from ..postgres import once_sql as sql
-from .once import _dedicated_connection, _dumps, _task
+from .once import _dedicated_connection, _dumps, _task, count
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -294,6 +295,7 @@ class _Claim:
     ) -> Effect:
         """The claim is there and nobody holds its lock: its owner's session ended before
         the completion."""
+        count(stats.ORPHANED_CLAIMS, self.task_name, reason=self.on_orphan)
         if self.on_orphan == "fail":
             of_task = f" of task {task_name}" if task_name else ""
             raise EffectOrphaned(

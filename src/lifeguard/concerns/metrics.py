@@ -12,7 +12,9 @@ Exported:
 * every counter of ``guard.stats()`` as ``lifeguard_<counter>_total{task,reason}``:
   ``connections_opened``, ``connections_reused``, ``connections_discarded`` (by
   reason), ``transactions_rolled_back``, ``queries_cancelled``, ``leaks_found``,
-  ``tasks``, ``hook_errors``; ``task`` is empty for what happened outside a task;
+  ``tasks``, ``hook_errors``, ``once_skipped``, ``singleton_waited``,
+  ``singleton_skipped``, ``singleton_busy`` (by reason), ``orphaned_claims``; ``task``
+  is empty for what happened outside a task;
 * ``lifeguard_process_tasks{pid}``: tasks run by each live process;
 * whatever the other concerns contribute: a :class:`~lifeguard.hooks.Hook` that has a
   ``metric_samples()`` method (:class:`MetricsSource`) is asked for its
@@ -61,6 +63,11 @@ _COUNTER_HELP = {
     stats.HOOK_ERRORS: "Errors inside lifeguard's hooks (tasks unaffected)",
     stats.TASKS_HANDED_BACK: "Tasks handed back after a transient database failure, by class",
     stats.HAND_BACKS_EXHAUSTED: "Tasks that failed after hand_back_limit hand-backs",
+    stats.ONCE_SKIPPED: "Once blocks whose key was already committed (body skipped)",
+    stats.SINGLETON_WAITED: "Singleton runs that waited for the lock's holder",
+    stats.SINGLETON_SKIPPED: "Singleton runs skipped because the lock was held",
+    stats.SINGLETON_BUSY: "Singleton runs that gave up on a held lock, by reason",
+    stats.ORPHANED_CLAIMS: "Effect claims found whose owner died, by policy",
 }
 
 

@@ -5,8 +5,9 @@ transaction, before its writes. The key and the writes commit together or not at
 a redelivered run whose key is committed skips its body and returns the stored result;
 a run killed before its commit left nothing, so its redelivery runs normally; two
 concurrent runs of one key serialise on the key's unique index (the second waits for
-the first to commit, then skips). One round trip per run, plus one to store a result
-that is not None.
+the first to commit, then skips). One extra round trip per run: the claim, which also
+returns the stored result on the skip path; a result is sent with the COMMIT when the
+block owns the transaction on psycopg 3 (else it is one more round trip).
 
 ``singleton``: a session-level advisory lock on a connection of its own, opened for the
 block and closed after it. No transaction stays open for the task's length, and the
@@ -25,8 +26,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from .. import registry, stats
 from ..errors import ConfigurationError, LifeguardError
 from ..postgres import once_sql as sql
+from ..postgres.appname import application_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 OnBusy = Literal["wait", "skip", "retry"]
@@ -65,6 +68,20 @@ def _task() -> Any:
     return current_task if current_task and current_task.request.id else None
 
 
+def count(counter: str, task_name: str | None = None, reason: str | None = None) -> None:
+    """Add one to ``counter`` (``stats.ONCE_SKIPPED``, ``stats.ORPHANED_CLAIMS``, ...) in
+    ``guard.stats()`` and on the metrics endpoint, per task name, in this process. Nothing
+    happens without an installed guard; counting never fails the task."""
+    task = _task()
+    try:
+        guard = registry.lookup(getattr(task, "app", None))
+    except Exception:
+        return
+    if guard is not None:
+        name = task_name if task_name is not None else getattr(task, "name", None)
+        guard.counters.incr(counter, task=name, reason=reason)
+
+
 def _resolve_key(key: str | None, what: str) -> tuple[str, str | None]:
     task = _task()
     name = getattr(task, "name", None)
@@ -88,8 +105,8 @@ def _loads(row: Any) -> Any:
     return json.loads(row[0]) if row and row[0] is not None else None
 
 
-def _storage_guard(exc: BaseException) -> None:
-    error = sql.storage_error(exc)
+def _storage_guard(exc: BaseException, role: Any = None) -> None:
+    error = sql.storage_error(exc, role)
     if error is not None:
         raise error from exc
 
@@ -97,36 +114,103 @@ def _storage_guard(exc: BaseException) -> None:
 # --- once: Django --------------------------------------------------------------------------
 
 
+def _psycopg3(raw: Any) -> bool:
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(raw, psycopg.Connection)
+
+
+def _store_and_commit(raw: Any, result: str, key: str) -> None:
+    """The result and the COMMIT in one round trip: one simple-query message
+    ``UPDATE ...; COMMIT``, its values bound (quoted) by psycopg's client-side cursor. If
+    the UPDATE fails the COMMIT does not run; if the COMMIT fails the server rolled back:
+    either way the error reaches the caller's rollback. The driver's ``commit()`` that
+    follows finds the connection idle and sends nothing, so the ORM's own commit runs its
+    hooks as usual."""
+    import psycopg
+
+    with psycopg.ClientCursor(raw) as cur:
+        cur.execute(sql.STORE_AND_COMMIT, [result, key])
+
+
+def _claimed(row: Any, block: OnceBlock, task_name: str | None) -> None:
+    """Fill ``block`` from the CLAIM_OR_FETCH row; count a skipped duplicate."""
+    inserted, stored = row
+    if not inserted:
+        block.done, block.result = True, _loads([stored])
+        count(stats.ONCE_SKIPPED, task_name)
+
+
+def _django_outermost(connection: Any) -> bool:
+    """The block's atomic() is the outermost one and will commit on exit."""
+    return bool(
+        connection.commit_on_exit
+        and not connection.needs_rollback
+        and not connection.savepoint_ids
+        and len(connection.atomic_blocks) == 1
+    )
+
+
 @contextlib.contextmanager
 def _django_once(key: str, task_name: str | None, using: str) -> Iterator[OnceBlock]:
     from django.db import DatabaseError, connections, transaction
 
+    connection = connections[using]
     with transaction.atomic(using=using):
         block = OnceBlock(key)
-        with connections[using].cursor() as cur:
+        with connection.cursor() as cur:
             try:
-                cur.execute(sql.CLAIM, [key, task_name])
-                claimed = cur.fetchone()
-                if claimed is None:
-                    cur.execute(sql.FETCH, [key])
-                    block.done, block.result = True, _loads(cur.fetchone())
+                cur.execute(sql.CLAIM_OR_FETCH, [key, task_name])
+                _claimed(cur.fetchone(), block, task_name)
             except DatabaseError as exc:
-                _storage_guard(exc)
+                _storage_guard(exc, connection.settings_dict.get("USER"))
                 raise
         yield block
         if block.done:
             # A body that ran anyway must not commit a second effect.
             transaction.set_rollback(True, using=using)
         elif block.result is not None:
-            with connections[using].cursor() as cur:
-                cur.execute(sql.STORE, [_dumps(block.result, key), key])
+            result = _dumps(block.result, key)
+            if _django_outermost(connection) and _psycopg3(connection.connection):
+                with connection.wrap_database_errors:
+                    _store_and_commit(connection.connection, result, key)
+            else:
+                with connection.cursor() as cur:
+                    cur.execute(sql.STORE, [result, key])
 
 
 # --- once: SQLAlchemy ------------------------------------------------------------------------
 
-_CLAIM = sql.named(sql.CLAIM, "key", "task_name")
-_FETCH = sql.named(sql.FETCH, "key")
+_CLAIM = sql.named(sql.CLAIM_OR_FETCH, "key", "task_name")
 _STORE = sql.named(sql.STORE, "result", "key")
+
+
+def _sqla_role(session: Any) -> str | None:
+    bind = session.get_bind()
+    return getattr(getattr(bind, "url", None), "username", None)
+
+
+def _sqla_owned_psycopg3(session: Any) -> Any:
+    """The psycopg 3 connection under ``session`` if the block may commit through it:
+    not when a ``before_commit`` listener could write after the COMMIT went out."""
+    if session.dispatch.before_commit:
+        return None
+    raw = session.connection().connection.dbapi_connection
+    return raw if _psycopg3(raw) else None
+
+
+def _sqla_store_and_commit(raw: Any, result: str, key: str) -> None:
+    """:func:`_store_and_commit`, its errors as SQLAlchemy's (``IntegrityError``, ...), the
+    ones ``session.commit()`` would raise."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        _store_and_commit(raw, result, key)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql.STORE, None, exc, psycopg.Error) from exc
 
 
 @contextlib.contextmanager
@@ -138,12 +222,10 @@ def _sqla_once(key: str, task_name: str | None, session: Any) -> Iterator[OnceBl
     block = OnceBlock(key)
     try:
         try:
-            claimed = session.execute(text(_CLAIM), {"key": key, "task_name": task_name}).first()
-            if claimed is None:
-                row = session.execute(text(_FETCH), {"key": key}).first()
-                block.done, block.result = True, _loads(row)
+            row = session.execute(text(_CLAIM), {"key": key, "task_name": task_name}).one()
+            _claimed(row, block, task_name)
         except DBAPIError as exc:
-            _storage_guard(exc)
+            _storage_guard(exc, _sqla_role(session))
             raise
         yield block
         if block.done:
@@ -151,7 +233,13 @@ def _sqla_once(key: str, task_name: str | None, session: Any) -> Iterator[OnceBl
                 session.rollback()
         else:
             if block.result is not None:
-                session.execute(text(_STORE), {"result": _dumps(block.result, key), "key": key})
+                result = _dumps(block.result, key)
+                raw = _sqla_owned_psycopg3(session) if owns else None
+                if raw is not None:
+                    session.flush()  # the ORM's pending writes go before the COMMIT
+                    _sqla_store_and_commit(raw, result, key)  # session.commit(): a no-op
+                else:
+                    session.execute(text(_STORE), {"result": result, "key": key})
             if owns:
                 session.commit()
     except BaseException:
@@ -172,11 +260,9 @@ async def _sqla_once_async(
     try:
         try:
             result = await session.execute(text(_CLAIM), {"key": key, "task_name": task_name})
-            if result.first() is None:
-                row = (await session.execute(text(_FETCH), {"key": key})).first()
-                block.done, block.result = True, _loads(row)
+            _claimed(result.one(), block, task_name)
         except DBAPIError as exc:
-            _storage_guard(exc)
+            _storage_guard(exc, _sqla_role(session))
             raise
         yield block
         if block.done:
@@ -274,18 +360,27 @@ def once_task(
 
 def _dedicated_connection(using: str, engine: Any, url: str | None) -> Any:
     """A new DB-API connection in autocommit, never a pooled one: the lock lives and dies
-    with this session, and no transaction stays open while the task runs."""
+    with this session, and no transaction stays open while the task runs. Without
+    ``url``, the option ``singleton_database_url`` (direct, past PgBouncer) comes first."""
+    guard = registry.lookup(getattr(_task(), "app", None))
+    if url is None and guard is not None:
+        url = guard.options.singleton_database_url
+    # The worker process's application_name: the lock session is attributed to it.
+    prefix = guard.options.application_name_prefix if guard is not None else None
+    named: dict[str, Any] = {"application_name": application_name(prefix)} if prefix else {}
     if url is not None:
         try:
             import psycopg
 
-            return psycopg.connect(url, autocommit=True)
+            return psycopg.connect(url, autocommit=True, **named)
         except ImportError:
             import psycopg2
 
-            raw = psycopg2.connect(url)
+            raw = psycopg2.connect(url, **named)
     elif engine is not None:
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        if engine.dialect.driver in ("psycopg", "psycopg2"):
+            cparams = {**named, **cparams}
         raw = engine.dialect.connect(*cargs, **cparams)
     else:
         from django.db import connections
@@ -324,27 +419,33 @@ def singleton(
     if on_busy not in ("wait", "skip", "retry"):
         raise ConfigurationError(f"on_busy={on_busy!r}: give 'wait', 'skip' or 'retry'")
     lock = SingletonLock(key, sql.lock_id(key))
+    task = _task()
+    task_name = getattr(task, "name", None)
     conn = _dedicated_connection(using, engine, url)
     try:
         cur = conn.cursor()
-        cur.execute(sql.TRY_LOCK, [lock.lock_id])
+        cur.execute(sql.labelled(sql.TRY_LOCK, key, task_name), [lock.lock_id])
         lock.acquired = bool(cur.fetchone()[0])
         if not lock.acquired and on_busy == "wait":
             lock.waited = True
+            count(stats.SINGLETON_WAITED, task_name)
             if timeout is not None:
                 cur.execute("SELECT set_config('lock_timeout', %s, false)", [f"{timeout}s"])
             try:
-                cur.execute(sql.LOCK, [lock.lock_id])
+                cur.execute(sql.labelled(sql.LOCK, key, task_name), [lock.lock_id])
                 cur.fetchone()
             except Exception as exc:
                 if sql.sqlstate(exc) == LOCK_NOT_AVAILABLE:
+                    count(stats.SINGLETON_BUSY, task_name, "timeout")
                     raise SingletonBusy(f"singleton {key!r} still held after {timeout}s") from None
                 raise
             lock.acquired = True
+        if not lock.acquired and on_busy == "skip":
+            count(stats.SINGLETON_SKIPPED, task_name)
         if not lock.acquired and on_busy == "retry":
-            task = _task()
             if task is None:
                 raise ConfigurationError("singleton(on_busy='retry') outside a Celery task")
+            count(stats.SINGLETON_BUSY, task_name, "retry")
             raise task.retry(countdown=retry_after)
         yield lock
     finally:
@@ -383,6 +484,9 @@ def singleton_task(
                     return None
                 return function(*args, **kwargs)
 
+        # Where the lock session goes, for `lifeguard doctor` (behind PgBouncer).
+        where = {"url": url, "using": using, "engine": engine}
+        run.__lifeguard_singleton__ = where  # type: ignore[attr-defined]
         return run  # type: ignore[return-value]
 
     return decorate

@@ -98,6 +98,8 @@ class TaskInfo:
     retry_on_worker_lost: bool
     time_limit: float | None
     soft_time_limit: float | None
+    # lifeguard.singleton_task's lock settings ({"url", "using", "engine"}); None: not one
+    singleton: Mapping[str, Any] | None = None
 
     @property
     def longest_limit(self) -> float | None:
@@ -378,6 +380,7 @@ def task_infos(app: Any) -> tuple[TaskInfo, ...]:
                 soft_time_limit=_number(
                     task.soft_time_limit or _conf_value(conf, "task_soft_time_limit")
                 ),
+                singleton=getattr(getattr(task, "run", None), "__lifeguard_singleton__", None),
             )
         )
     return tuple(infos)

@@ -54,6 +54,25 @@ def finding_lines(report: Report, finding: Finding) -> list[str]:
     return lines
 
 
+def singleton_lines(report: Report) -> list[str]:
+    """``singleton 'nightly' (task t) held by worker host:456 (backend 123) 40s, 2 waiting``."""
+    lines = []
+    for hold in report.snapshot.singleton_locks:
+        holder = hold.holder
+        who = f"worker {holder.worker_label}" if holder.worker else holder.application_name
+        name = repr(hold.key) if hold.key is not None else f"advisory lock {hold.lock_id}"
+        line = f"singleton {name}"
+        if hold.task:
+            line += f" (task {hold.task})"
+        line += f" held by {who or 'no application_name'} (backend {holder.pid})"
+        if hold.held_seconds is not None:
+            line += f" for {_seconds(hold.held_seconds)}"
+        if hold.waiters:
+            line += f", {len(hold.waiters)} waiting"
+        lines.append(line)
+    return lines
+
+
 def action_line(action: Action) -> str:
     if action.dry_run:
         return f"DRY RUN would terminate {action.description}"
@@ -105,6 +124,7 @@ def report_lines(report: Report) -> list[str]:
         lines.extend(finding_lines(report, finding))
     if report.tasks is not None and report.tasks.error:
         lines.append(f"tasks unknown: {report.tasks.error}")
+    lines.extend(singleton_lines(report))
     lines.extend(action_line(action) for action in report.actions)
     return lines
 
@@ -148,6 +168,9 @@ def live_view(report: Report, interval: float) -> Any:
         text = "\n".join(finding_lines(report, finding))
         parts.append(Text(text, style=_STYLE[finding.severity]))
     parts.extend(Text(action_line(action)) for action in report.actions)
+    held = singleton_lines(report)
+    if held:
+        parts.append(Text("singleton locks\n" + "\n".join(held)))
     parts.append(_worker_table(report))
     return Group(*parts)
 

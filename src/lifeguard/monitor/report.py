@@ -21,6 +21,7 @@ from .snapshot import (
     Backend,
     Baseline,
     SessionRates,
+    SingletonHold,
     Snapshot,
     session_rates,
     take_snapshot,
@@ -102,6 +103,7 @@ class Report:
             },
             "findings": [self._finding_json(finding) for finding in self.findings],
             "worker_backends": [self._backend_json(b) for b in snap.worker_backends],
+            "singleton_locks": [self._hold_json(hold) for hold in snap.singleton_locks],
             "workers_asked": None if self.tasks is None else {"error": self.tasks.error},
             "actions": [dataclasses.asdict(action) for action in self.actions],
         }
@@ -137,6 +139,23 @@ class Report:
             ],
             "gone": [
                 {"pid": ref.pid, "application_name": ref.application_name} for ref in finding.gone
+            ],
+        }
+
+    def _hold_json(self, hold: SingletonHold) -> dict[str, Any]:
+        holder = hold.holder
+        return {
+            "key": hold.key,
+            "task": hold.task,
+            "lock_id": hold.lock_id,
+            "pid": holder.pid,
+            "application_name": holder.application_name,
+            "worker": holder.worker_label,
+            "held_seconds": _round(hold.held_seconds),
+            "running": self.task_label(holder),
+            "waiting": [
+                {"pid": b.pid, "worker": b.worker_label, "application_name": b.application_name}
+                for b in hold.waiters
             ],
         }
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..postgres.appname import WorkerProcessName, parse_application_name
+from ..postgres.once_sql import lock_label
 
 #: How much of each backend's query text a snapshot keeps.
 QUERY_CHARS = 200
@@ -51,6 +52,16 @@ WITH header AS (
         {{counters}}
     FROM pg_stat_database d
     WHERE d.datname = current_database()
+), advisory AS (
+    -- Advisory locks of the single-bigint form (lifeguard's singletons), per backend.
+    SELECT
+        l.pid,
+        array_agg((l.classid::bigint << 32) | l.objid::bigint) FILTER (WHERE l.granted) AS held,
+        min((l.classid::bigint << 32) | l.objid::bigint) FILTER (WHERE NOT l.granted) AS waiting
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.objsubid = 1
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    GROUP BY l.pid
 ), activity AS (
     SELECT
         a.pid,
@@ -64,8 +75,10 @@ WITH header AS (
         left(a.query, %(query_chars)s) AS query,
         a.backend_start,
         host(a.client_addr) AS client_addr,
-        a.client_port
-    FROM pg_stat_activity a
+        a.client_port,
+        adv.held AS advisory_held,
+        adv.waiting AS advisory_waiting
+    FROM pg_stat_activity a LEFT JOIN advisory adv ON adv.pid = a.pid
     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND {_CLIENT}
 )
 SELECT header.*, activity.* FROM header LEFT JOIN activity ON true
@@ -95,6 +108,13 @@ class Backend:
     backend_start: Any  # datetime; with the pid it names the session uniquely
     client_addr: str | None = None
     client_port: int | None = None  # the client's TCP port (-1: Unix socket)
+    advisory_held: tuple[int, ...] = ()  # advisory lock ids held (singletons)
+    advisory_waiting: int | None = None  # the advisory lock id it waits for
+
+    @property
+    def lock_label(self) -> tuple[str, str | None] | None:
+        """(key, task) of the singleton lock statement it ran last, if it is one."""
+        return lock_label(self.query)
 
     @property
     def state_label(self) -> str:
@@ -184,6 +204,20 @@ class Snapshot:
         return [backend for backend in self.backends if backend.worker is not None]
 
     @property
+    def singleton_locks(self) -> list[SingletonHold]:
+        """Each advisory lock held in the database: its holder and its waiters; the key
+        and task when the holder (or a waiter) ran lifeguard's labelled lock statement."""
+        holds = []
+        for holder in self.backends:
+            for lock_id in holder.advisory_held:
+                waiters = tuple(b for b in self.backends if b.advisory_waiting == lock_id)
+                label = next(
+                    (b.lock_label for b in (holder, *waiters) if b.lock_label is not None), None
+                )
+                holds.append(SingletonHold(lock_id, label, holder, waiters))
+        return sorted(holds, key=lambda hold: -(hold.holder.state_seconds or 0.0))
+
+    @property
     def hidden_backends(self) -> list[Backend]:
         return [backend for backend in self.backends if backend.state is None]
 
@@ -199,6 +233,29 @@ class Snapshot:
             counters=self.counters,
             workers=tuple(backend.ref for backend in self.worker_backends),
         )
+
+
+@dataclass(frozen=True)
+class SingletonHold:
+    """An advisory lock (a singleton) and the backend that holds it."""
+
+    lock_id: int
+    label: tuple[str, str | None] | None  # (key, task name), if known
+    holder: Backend
+    waiters: tuple[Backend, ...]
+
+    @property
+    def key(self) -> str | None:
+        return self.label[0] if self.label else None
+
+    @property
+    def task(self) -> str | None:
+        return self.label[1] if self.label else None
+
+    @property
+    def held_seconds(self) -> float | None:
+        """Since the lock session's last statement (the lock) ended: idle since then."""
+        return self.holder.state_seconds if self.holder.state == IDLE else None
 
 
 @dataclass(frozen=True)
@@ -276,7 +333,8 @@ def take_snapshot(conn: Any, prefix: str, query_chars: int = QUERY_CHARS) -> Sna
 
 
 def _backend(row: tuple[Any, ...], prefix: str) -> Backend:
-    pid, app_name, user, state, state_s, xact_s, query_s, wait, query, started, addr, port = row
+    pid, app_name, user, state, state_s, xact_s, query_s, wait, query, started = row[:10]
+    addr, port, held, waiting = row[10:14]
     return Backend(
         pid=pid,
         application_name=app_name or "",
@@ -291,6 +349,8 @@ def _backend(row: tuple[Any, ...], prefix: str) -> Backend:
         backend_start=started,
         client_addr=addr,
         client_port=port,
+        advisory_held=tuple(held or ()),
+        advisory_waiting=waiting,
     )
 
 

@@ -9,6 +9,7 @@ statements use ``%s`` placeholders (psycopg 3, psycopg2 and Django cursors);
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Any
 
@@ -34,10 +35,24 @@ CLAIM = (
     f"INSERT INTO {TABLE} (key, task_name) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING "
     "RETURNING true"
 )
-# Only on the skip path: the committed run's result.
+# The claim and, on the skip path, the stored result in one statement (one round trip):
+# (true, NULL) when this run inserted the key; (false, result) when a run had committed
+# it. DO UPDATE, unlike DO NOTHING, locks and reads the newest committed version of a
+# conflicting row even when the statement's snapshot predates it (READ COMMITTED): a run
+# that waited on a concurrent uncommitted key gets that run's result once it commits,
+# and inserts the key itself if it rolled back. ``xmax = 0`` holds only for a version
+# this statement inserted (an updated one carries this transaction's id). The no-op
+# update makes a dead row version per skipped run, which the skipping run rolls back.
+CLAIM_OR_FETCH = (
+    f"INSERT INTO {TABLE} AS once (key, task_name) VALUES (%s, %s) ON CONFLICT (key) "
+    "DO UPDATE SET task_name = once.task_name RETURNING once.xmax = 0, once.result::text"
+)
+# The skip path of CLAIM (DO NOTHING): the committed run's result.
 FETCH = f"SELECT result::text FROM {TABLE} WHERE key = %s"
 # Only when the block has a result to keep (None costs nothing).
 STORE = f"UPDATE {TABLE} SET result = CAST(%s AS jsonb) WHERE key = %s"
+# The result and the commit in one message, when the block owns the transaction.
+STORE_AND_COMMIT = f"{STORE}; COMMIT"
 # Retention: in batches, so a prune never holds millions of row locks at once.
 PRUNE_BATCH = (
     f"DELETE FROM {TABLE} WHERE key IN (SELECT key FROM {TABLE} "
@@ -47,6 +62,45 @@ PRUNE_BATCH = (
 LOCK = "SELECT pg_advisory_lock(%s)"
 TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
 UNLOCK = "SELECT pg_advisory_unlock(%s)"
+
+# The lock session runs nothing after its lock statement, so pg_stat_activity.query keeps
+# showing it while the lock is held: a comment there names the key and the task, for
+# `lifeguard monitor` (pg_locks has only the 64-bit id). JSON with "/" escaped cannot
+# close the comment; "%" is doubled for the drivers' %s placeholders.
+_LABEL = re.compile(r"/\* lifeguard singleton (\{.*\}) \*/")
+#: The monitor keeps the first 200 characters of each backend's query (monitor/snapshot.py).
+LABEL_STATEMENT_CHARS = 200
+
+
+def labelled(statement: str, key: str, task_name: str | None) -> str:
+    """``statement`` with a comment naming the singleton ``key`` and ``task_name``, the
+    key cut (then the task name) until the statement, as the server shows it with its
+    parameter bound, fits in what the monitor reads."""
+    room = LABEL_STATEMENT_CHARS - len(statement.replace("%s", "-" * 20))
+    task = (task_name or "")[:80]
+    cut = len(key)
+    while True:
+        label = json.dumps({"key": key[:cut], "task": task}).replace("/", "\\/")
+        comment = f" /* lifeguard singleton {label} */"
+        if len(comment) <= room or (cut == 0 and not task):
+            return statement + comment.replace("%", "%%")
+        if cut > 0:
+            cut = max(cut - 8, 0)
+        else:
+            task = task[:-8]
+
+
+def lock_label(query: str | None) -> tuple[str, str | None] | None:
+    """(key, task name) of a lock statement made by :func:`labelled`, else None."""
+    match = _LABEL.search(query or "")
+    if match is None:
+        return None
+    try:
+        data = json.loads(match.group(1))
+        return str(data["key"]), (str(data["task"]) or None)
+    except (ValueError, KeyError, TypeError):
+        return None
+
 
 INSUFFICIENT_PRIVILEGE = "42501"
 UNDEFINED_TABLE = "42P01"
@@ -100,10 +154,16 @@ class OnceStorageError(LifeguardError):
     so the task fails loudly instead of running unguarded."""
 
 
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
 def storage_error(exc: BaseException, role: Any = None) -> OnceStorageError | None:
     """A clear error for a missing table or privilege; None for any other error."""
     code = sqlstate(exc)
-    who = role or "<the workers' role>"
+    who = "<the workers' role>"
+    if role:
+        who = str(role) if re.fullmatch(r"[a-z_][a-z0-9_]*", str(role)) else _quoted(str(role))
     if code == INSUFFICIENT_PRIVILEGE:
         return OnceStorageError(
             f"permission denied on table {TABLE}: run "

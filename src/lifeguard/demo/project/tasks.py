@@ -280,6 +280,31 @@ def once_decorated(key: str, value: str) -> dict[str, Any]:
 
 
 @shared_task
+def once_on_commit(key: str, refused: bool = False) -> dict[str, Any]:
+    """A once block with an ``on_commit()`` callback and a stored result; ``refused``: a
+    deferred constraint makes the server refuse the COMMIT that carries the result."""
+    from django.db import IntegrityError
+
+    ran: list[bool] = []
+    error = None
+    try:
+        with lifeguard.once(key) as block:
+            transaction.on_commit(lambda: ran.append(True))
+            _once_effect_row(key, "v")
+            if refused:
+                with connection.cursor() as cur:
+                    cur.execute(
+                        "CREATE TEMP TABLE lifeguard_refused (n int UNIQUE DEFERRABLE "
+                        "INITIALLY DEFERRED) ON COMMIT DROP"
+                    )
+                    cur.execute("INSERT INTO lifeguard_refused VALUES (1), (1)")
+            block.result = {"stored": True}
+    except IntegrityError as exc:
+        error = type(exc).__name__
+    return {"on_commit_ran": bool(ran), "error": error}
+
+
+@shared_task
 def singleton_run(key: str, seconds: float, on_busy: str = "wait") -> dict[str, Any]:
     """Holds the singleton ``key`` for ``seconds``; records its interval (server clock)."""
     with lifeguard.singleton(key, on_busy=on_busy) as lock:  # type: ignore[arg-type]
@@ -300,44 +325,44 @@ def singleton_run(key: str, seconds: float, on_busy: str = "wait") -> dict[str, 
 # --- benchmarks/once.py: one write per task, unguarded, once-guarded, Redis-locked ----------
 
 
-def _counted(body: Any) -> int:
-    """Runs ``body`` and returns how many statements it sent (BEGIN/COMMIT aside)."""
-    sent = [0]
-
-    def count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        sent[0] += 1
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(count):
+def _counted(body: Any, count: bool) -> int:
+    """Runs ``body``; with ``count``, returns the round trips it made to PostgreSQL (BEGIN
+    and COMMIT included), read from libpq's protocol trace: each change from messages
+    sent to messages received is one wait for the server."""
+    if not count:
         body()
-    return sent[0]
+        return 0
+    from .round_trips import count_round_trips
+
+    connection.ensure_connection()
+    return count_round_trips(connection.connection.pgconn, body)
 
 
 @shared_task
-def bench_write(value: str) -> int:
+def bench_write(value: str, count: bool = False) -> int:
     def body() -> None:
         with transaction.atomic():
             _once_effect_row(value, value)
 
-    return _counted(body)
+    return _counted(body, count)
 
 
 @shared_task
-def bench_once_write(value: str, with_result: bool = False) -> int:
+def bench_once_write(value: str, with_result: bool = False, count: bool = False) -> int:
     def body() -> None:
         with lifeguard.once() as block:
             if not block.done:
                 _once_effect_row(value, value)
                 block.result = {"value": value} if with_result else None
 
-    return _counted(body)
+    return _counted(body, count)
 
 
 _redis: list[Any] = []
 
 
 @shared_task(bind=True)
-def bench_redis_lock(self: Any, value: str) -> int:
+def bench_redis_lock(self: Any, value: str, count: bool = False) -> int:
     """The celery-once pattern: SET NX EX around the work, DEL after (2 Redis trips)."""
     if not _redis:
         import redis
@@ -347,7 +372,7 @@ def bench_redis_lock(self: Any, value: str) -> int:
     if not _redis[0].set(key, 1, nx=True, ex=3600):
         return 0
     try:
-        return int(bench_write(value))
+        return int(bench_write(value, count))
     finally:
         _redis[0].delete(key)
 

@@ -9,14 +9,17 @@ own database settings (the default with ``-A``) to see what the workers get.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from ...monitor.thresholds import Thresholds
+from ...postgres.conninfo import parse_conninfo
 from ...postgres.pgbouncer import transaction_mode_connect_args
 from ..budget import Budget, connection_budget, green_budgets
 from ..context import DjangoAlias, DoctorContext, EngineInfo
 from ..findings import Finding, Level
 from ..registry import Skip, rule
+from ..server import endpoint
 
 #: Linux's tcp_keepalive_time: what the server uses when tcp_keepalives_idle is 0.
 OS_KEEPALIVE_IDLE = 7200.0
@@ -50,6 +53,16 @@ def _behind_pooler(ctx: DoctorContext) -> tuple[str | None, str, str | None] | N
     return None
 
 
+def _pooling_transactions(ctx: DoctorContext) -> tuple[str | None, str, str | None, bool] | None:
+    """``(mode, how it is known, endpoint, mode known)`` of a pooler in front that may
+    pool per transaction (not session mode); None without one."""
+    pooler = _behind_pooler(ctx)
+    if pooler is None or pooler[0] == "session":
+        return None
+    mode, how, endpoint = pooler
+    return mode, how, endpoint, mode in ("transaction", "statement")
+
+
 def _engine_prepares(ctx: DoctorContext, engine: EngineInfo) -> bool:
     """The engine's connections may prepare statements on the server."""
     required = transaction_mode_connect_args(engine.driver)
@@ -80,13 +93,10 @@ def _django_prepares(ctx: DoctorContext, alias: DjangoAlias) -> bool:
     "asyncpg or psycopg behind PgBouncer in transaction mode without the profile",
 )
 def pgbouncer_prepared_statements(ctx: DoctorContext) -> Iterator[Finding]:
-    pooler = _behind_pooler(ctx)
+    pooler = _pooling_transactions(ctx)
     if pooler is None:
         return
-    mode, how, endpoint = pooler
-    if mode == "session":
-        return
-    known = mode in ("transaction", "statement")
+    mode, how, endpoint, known = pooler
     server_pooler = ctx.server.pooler if ctx.server is not None else None
     handles_prepares = server_pooler is not None and server_pooler.max_prepared_statements > 0
     mode_text = f"in {mode} mode" if known else "(pool mode unknown)"
@@ -159,6 +169,78 @@ def pgbouncer_prepared_statements(ctx: DoctorContext) -> Iterator[Finding]:
             fix=f"{alias.where}['DISABLE_SERVER_SIDE_CURSORS'] = True.",
             subject=alias.where,
             evidence=evidence,
+        )
+
+
+def _lock_endpoint(ctx: DoctorContext, singleton: Mapping[str, Any]) -> str | None:
+    """host:port where a singleton's lock session goes; None: not known."""
+    url = singleton.get("url") or (ctx.options.singleton_database_url if ctx.options else None)
+    if url:
+        try:
+            options = parse_conninfo(str(url))
+        except ValueError:
+            return None
+        return endpoint(options.get("host", "").split(",")[0], options.get("port"))
+    engine = singleton.get("engine")
+    if engine is not None:
+        return endpoint(engine.url.host, engine.url.port)
+    for alias in ctx.postgres_aliases():
+        if alias.alias == singleton.get("using", "default"):
+            return alias.endpoint
+    return None
+
+
+def _direct(ctx: DoctorContext, singleton: Mapping[str, Any]) -> bool:
+    """The singleton was given its own URL: taken as going past the pooler."""
+    return bool(
+        singleton.get("url") or (ctx.options is not None and ctx.options.singleton_database_url)
+    )
+
+
+@rule(
+    "LG023",
+    "singleton-behind-transaction-pooler",
+    "singleton locks on sessions of a pooler in transaction mode",
+)
+def singleton_behind_transaction_pooler(ctx: DoctorContext) -> Iterator[Finding]:
+    singletons = [task for task in ctx.tasks if task.singleton is not None]
+    if not singletons:
+        return
+    pooler = _pooling_transactions(ctx)
+    if pooler is None:
+        return
+    mode, how, pooled_endpoint, known = pooler
+    for task in singletons:
+        assert task.singleton is not None
+        where = _lock_endpoint(ctx, task.singleton)
+        if pooled_endpoint is None:
+            if _direct(ctx, task.singleton):
+                continue  # every connection is pooled, but this one was given its own URL
+        elif where is not None and where != pooled_endpoint:
+            continue  # the lock session goes to another endpoint: past the pooler
+        mode_text = f"in {mode} mode" if known else "(pool mode unknown)"
+        yield Finding(
+            Level.CRITICAL if known else Level.WARNING,
+            title=f"singleton task {task.name} locks through a pooler {mode_text}",
+            why=(
+                "A singleton holds a session-level advisory lock on a session of its own. "
+                "In transaction pooling the server session that took the lock goes back to "
+                "the pool after the statement: the lock is neither held for the task nor "
+                "released when its worker dies, and another client may unlock it."
+                + (
+                    ""
+                    if known
+                    else " The pool mode is unknown: this applies if it runs transaction "
+                    "or statement pooling (pass --pgbouncer session if it does not)."
+                )
+            ),
+            fix=(
+                f"Give the lock sessions a direct URL of the same database (past PgBouncer): "
+                f"{ctx.option_spelled('singleton_database_url')} = 'postgresql://...' or "
+                "singleton_task(url=...); or a PgBouncer database in session mode."
+            ),
+            subject=task.name,
+            evidence={"pooler": how, "mode": mode, "lock_endpoint": where},
         )
 
 
