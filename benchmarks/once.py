@@ -25,10 +25,10 @@ import uuid
 from typing import Any
 
 from celery import Celery
+from tests.harness.django_worker import TASKS, sandbox_worker
 
 from _harness import ROOT  # noqa: F401  (puts the checkout on the workers' path)
 from lifeguard.demo.postgres import find_postgres
-from lifeguard.demo.project import TASKS, sandbox_worker
 from lifeguard.demo.redis import find_redis
 
 # (label, task, extra arguments, round trips to a server other than PostgreSQL)

@@ -14,9 +14,9 @@ import pytest
 from celery import Celery
 
 from lifeguard.demo.postgres import PostgresServer, find_postgres
-from lifeguard.demo.project import sandbox_worker as django_sandbox_worker
 from lifeguard.demo.redis import find_redis
 from lifeguard.demo.worker import CeleryWorker
+from tests.harness.django_worker import sandbox_worker as django_sandbox_worker
 from tests.sqla_support import sqla_tasks, sqla_worker  # noqa: F401  (fixtures)
 from tests.support import Database, SandboxTasks, scratch_database, worker_fixture
 

@@ -18,12 +18,21 @@ import uuid
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from lifeguard.postgres.once_sql import effect_lock_id
+from tests.harness.django_worker import TASKS as HARNESS_TASKS
 from tests.support import Database, SandboxTasks
 from tests.test_once import wait_for
 
-TASK = "lifeguard.demo.project.tasks.effect_call"
+
+@pytest.fixture
+def tasks(celery_client: Celery, prefix: str) -> SandboxTasks:
+    """The harness's exactly-once, singleton and effect tasks (tests/harness/django_tasks.py)."""
+    return SandboxTasks(celery_client, queue=f"q-{prefix}", module=HARNESS_TASKS)
+
+
+TASK = "tests.harness.django_tasks.effect_call"
 
 
 def lifeguard_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -16,17 +16,25 @@ from typing import Any
 
 import psycopg
 import pytest
+from celery import Celery
 
 from lifeguard.demo.postgres import free_port
-from lifeguard.demo.project.round_trips import count_round_trips
 from lifeguard.postgres import once_sql
 from lifeguard.postgres.appname import parse_application_name
 from lifeguard.postgres.once_sql import lock_id
+from tests.harness.django_worker import TASKS as HARNESS_TASKS
+from tests.harness.round_trips import count_round_trips
 from tests.monitor_support import lifeguard as run_lifeguard
 from tests.monitor_support import role as login_role
 from tests.monitor_support import samples, scrape
 from tests.pgbouncer_support import running_pgbouncer
 from tests.support import Database, SandboxTasks
+
+
+@pytest.fixture
+def tasks(celery_client: Celery, prefix: str) -> SandboxTasks:
+    """The harness's exactly-once, singleton and effect tasks (tests/harness/django_tasks.py)."""
+    return SandboxTasks(celery_client, queue=f"q-{prefix}", module=HARNESS_TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -364,8 +372,8 @@ def test_1000_contended_singleton_runs_never_overlap(
 
 # --- visibility: counters per task name, the holder in `lifeguard monitor` ---------------
 
-SINGLETON_TASK = "lifeguard.demo.project.tasks.singleton_run"
-ONCE_TASK = "lifeguard.demo.project.tasks.once_effect"
+SINGLETON_TASK = "tests.harness.django_tasks.singleton_run"
+ONCE_TASK = "tests.harness.django_tasks.once_effect"
 
 
 def test_monitor_names_the_singleton_holder_and_the_counters_reach_the_metrics(

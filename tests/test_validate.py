@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from lifeguard.demo.project import sandbox_worker as django_sandbox_worker
 from lifeguard.demo.worker import CeleryWorker
 from lifeguard.hooks import PoolKind
 from lifeguard.report import RunRecord
 from lifeguard.validate.sampler import UNATTRIBUTED
 from lifeguard.validate.workers import VIA_LIFEGUARD, VIA_PROC, ProcessSampler, find_workers
+from tests.harness.django_worker import sandbox_worker as django_sandbox_worker
 from tests.monitor_support import lifeguard, start_lifeguard, wait_for
 from tests.support import Database, stop_workers
 from tests.validate_support import (

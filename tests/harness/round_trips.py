@@ -1,7 +1,8 @@
 """Round trips to PostgreSQL, counted from libpq's protocol trace (psycopg 3).
 
 Each change from messages the client sent to messages the server sent is one wait for
-the server: one round trip. Used by the benchmark tasks and tests/test_once.py.
+the server: one round trip. Used by the benchmark tasks (tests/harness/django_tasks.py)
+and tests/test_once.py.
 """
 
 from __future__ import annotations
