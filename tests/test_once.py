@@ -53,6 +53,10 @@ def once_db(test_db: Database) -> Database:
         "CREATE TABLE IF NOT EXISTS lifeguard_singleton_runs (key text, during tstzrange, "
         "EXCLUDE USING gist (during WITH &&))"
     )
+    test_db.execute(  # effect_call's remote API, as tests/test_effects.py makes it
+        "CREATE TABLE IF NOT EXISTS lifeguard_effect_remote "
+        "(idempotency_key text, key text, pid int, at timestamptz DEFAULT clock_timestamp())"
+    )
     return test_db
 
 
@@ -374,14 +378,16 @@ def test_1000_contended_singleton_runs_never_overlap(
 
 SINGLETON_TASK = "tests.harness.django_tasks.singleton_run"
 ONCE_TASK = "tests.harness.django_tasks.once_effect"
+EFFECT_TASK = "tests.harness.django_tasks.effect_call"
 
 
 def test_monitor_names_the_singleton_holder_and_the_counters_reach_the_metrics(
     clean: Database, sandbox_worker: Any, tasks: SandboxTasks, prefix: str
 ) -> None:
     """A real held lock: `lifeguard check --json` and its text name the key, the task,
-    the worker process holding it and who waits; the waits, skips and skipped
-    duplicates are counted per task name on the worker's metrics endpoint."""
+    the worker process holding it and who waits; the waits, skips, skipped duplicates
+    and orphaned effect claims are counted per task name on the worker's metrics
+    endpoint."""
     port = free_port()
     options = json.dumps({"metrics_port": port, "metrics_address": "127.0.0.1"})
     sandbox_worker(concurrency=3, options=options)
@@ -404,6 +410,9 @@ def test_monitor_names_the_singleton_holder_and_the_counters_reach_the_metrics(
     assert waiter.get(timeout=20)["acquired"] is True
     first = tasks.run("once_effect", "dup-key", "v1")
     assert tasks.run("once_effect", "dup-key", "v2") == {**first, "skipped": True}
+    effect_key = f"mail:{uuid.uuid4().hex[:6]}"  # a block that raised leaves its claim...
+    assert tasks.outcome("effect_call", effect_key, "skip", "wait", 0.0, True)[0] == "FAILURE"
+    assert tasks.run("effect_call", effect_key, "skip")["orphaned"] is True  # ...orphaned
 
     def counted() -> dict[str, float]:
         families = scrape(port)
@@ -416,9 +425,18 @@ def test_monitor_names_the_singleton_holder_and_the_counters_reach_the_metrics(
                 ("singleton_skipped", SINGLETON_TASK),
                 ("once_skipped", ONCE_TASK),
             ]
+        } | {
+            "orphaned_claims": samples(families, "lifeguard_orphaned_claims_total").get(
+                (("reason", "skip"), ("task", EFFECT_TASK)), 0.0
+            )
         }
 
-    expected = {"singleton_waited": 1.0, "singleton_skipped": 1.0, "once_skipped": 1.0}
+    expected = {
+        "singleton_waited": 1.0,
+        "singleton_skipped": 1.0,
+        "once_skipped": 1.0,
+        "orphaned_claims": 1.0,
+    }
     wait_for(lambda: counted() == expected)
 
 

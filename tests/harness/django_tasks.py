@@ -180,15 +180,22 @@ def _remote_call(idempotency_key: str, key: str) -> int:
 
 @shared_task(acks_late=True, reject_on_worker_lost=True)
 def effect_call(
-    key: str, on_orphan: str = "rerun", on_busy: str = "wait", hold: float = 0.0
+    key: str,
+    on_orphan: str = "rerun",
+    on_busy: str = "wait",
+    hold: float = 0.0,
+    fail_first: bool = False,
 ) -> dict[str, Any]:
     """One remote call per run that must make it; after the key's first call, holds the
-    claim ``hold`` s before completing, for a test to SIGKILL the process there."""
+    claim ``hold`` s before completing, for a test to SIGKILL the process there, or with
+    ``fail_first`` raises after it (the claim stays: the remote may have acted)."""
     with lifeguard.effect(key, on_orphan=on_orphan, on_busy=on_busy) as effect:  # type: ignore[arg-type]
         if not effect.done:
             calls = _remote_call(effect.idempotency_key, key)
             if calls == 1:
                 time.sleep(hold)
+                if fail_first:
+                    raise RuntimeError(f"the call for {key} failed after it was made")
             effect.result = {"pid": os.getpid(), "calls": calls}
     return {
         "status": effect.status,
