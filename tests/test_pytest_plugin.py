@@ -467,7 +467,9 @@ def test_planted_bugs_fail_clean_tests_pass(
     assert "seen in the database: pg_stat_database of " + project_db.name in abandoned
     assert "1 more in sessions_abandoned" in abandoned.split("\n_____", 1)[0]
     greenlet = failures.split("_ TestPool.test_leaks_connection[gevent] _", 1)[1]
-    assert "opened by thread 'Greenlet-" in greenlet.split("\n_____", 1)[0]
+    assert "opened by greenlet 'Greenlet-" in greenlet.split("\n_____", 1)[0]
+    greenthread = failures.split("_ TestPool.test_leaks_connection[eventlet] _", 1)[1]
+    assert "opened by greenlet GreenThread at 0x" in greenthread.split("\n_____", 1)[0]
     assert "cannot read" not in output  # every check could run
     # A task whose process died is not waited for (lifeguard_wait, 10 s): no done line
     # comes, and the plugin sees the process is gone.

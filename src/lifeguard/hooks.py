@@ -229,4 +229,6 @@ def unit_label(unit: Any) -> str:
     """A thread or greenlet (:meth:`Lifecycle.current_unit`) as log lines name it."""
     name = getattr(unit, "name", None)
     kind = "greenlet" if hasattr(unit, "dead") else "thread"  # gevent's greenlets have names
-    return f"{kind} {name!r}" if name else f"{kind} {unit!r}"
+    if name:
+        return f"{kind} {name!r}"
+    return f"{kind} {type(unit).__name__} at {id(unit):#x}"  # eventlet's have none
