@@ -181,3 +181,33 @@ def test_a_long_singleton_key_is_cut_to_what_the_monitor_reads() -> None:
     assert len(shown) <= once_sql.LABEL_STATEMENT_CHARS
     label = once_sql.lock_label(shown)
     assert label is not None and label[0].startswith("kkkk")
+
+
+def test_result_store_is_wrapped_only_for_backends_a_hook_watches() -> None:
+    """Under gevent Celery makes a result backend per greenlet: one that no hook has work
+    for (the Django concern only watches django-celery-results) is left as it is, and a
+    hook added later that watches every backend gets it wrapped."""
+    from celery import Celery
+
+    from lifeguard.guard import Lifeguard
+    from lifeguard.hooks import Hook, TaskRun
+
+    app = Celery("units-store", backend="cache+memory://", set_as_current=False)
+
+    @app.task(name="units.store", shared=False)
+    def store() -> None: ...
+
+    task = app.tasks["units.store"]
+    guard = Lifeguard(app, {})
+    guard.lifecycle._watch_result_store(task)
+    assert "mark_as_done" not in vars(task.backend)
+
+    seen: list[str] = []
+
+    class WatchesEvery(Hook):
+        def before_result_stored(self, run: TaskRun, backend: object) -> None:
+            seen.append(run.id)
+
+    guard.add_hook(WatchesEvery())
+    guard.lifecycle._watch_result_store(task)
+    assert "mark_as_done" in vars(task.backend)

@@ -211,6 +211,12 @@ class Hook:
         transaction left open on the connection the backend writes through).
         """
 
+    def watches_result_store(self, backend_class: type) -> bool:
+        """Whether :meth:`before_result_stored` has anything to do for backends of this
+        class; when no hook does, the task's backend is left unwrapped (and, under green
+        pools, where Celery makes one backend per greenlet, untouched before the store)."""
+        return True
+
     def after_task(self, run: TaskRun, outcome: TaskOutcome) -> None:
         """A task has finished and its result is stored."""
 

@@ -115,6 +115,9 @@ class Lifecycle:
         self._runs_lock = threading.Lock()
         self._uid = f"lifeguard-{id(guard)}"
         self._implementers: dict[str, list[Hook]] = {}
+        # Task name -> whether a hook watches its backend's result store (see
+        # _watch_result_store): one look at the backend per task name, not per task.
+        self._store_watched: dict[str, bool] = {}
         self._announcements: list[tuple[logging.Logger, int, str, tuple[Any, ...]]] | None = []
         self._recycling = False
         self._exit: recycle.ProcessExit | None = None
@@ -230,6 +233,7 @@ class Lifecycle:
 
     def hooks_changed(self) -> None:
         self._implementers.clear()
+        self._store_watched.clear()
 
     def _hooks_for(self, phase: str) -> list[Hook]:
         """The hooks that override ``phase``, in order: the others are not even called."""
@@ -333,10 +337,19 @@ class Lifecycle:
         pass-through methods, once. ``update_state()`` from the body is not an outcome
         and goes straight to ``store_result``: the phase never runs mid-task.
         """
-        if not self._hooks_for("before_result_stored"):
+        hooks = self._hooks_for("before_result_stored")
+        if not hooks:
+            return
+        watched = self._store_watched.get(task.name)
+        if watched is False:
             return
         try:
             backend = task.backend
+            if watched is None:
+                watched = any(hook.watches_result_store(type(backend)) for hook in hooks)
+                self._store_watched[task.name] = watched
+                if not watched:
+                    return
             state = getattr(backend, "__dict__", None)
             if state is None or state.get(_STORE_WATCHED) == self._uid:
                 return

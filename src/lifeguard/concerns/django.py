@@ -101,6 +101,7 @@ class DjangoConnections(Hook):
         self._known: weakref.WeakSet[Any] = weakref.WeakSet()
         self._foreign: list[_ForeignConnection] = []
         self._foreign_lock = threading.Lock()
+        self._trouble: DatabaseTrouble | None = None
         self.green = GreenConnections()  # gevent/eventlet: warm connections shared by greenlets
         self.green.vet = self._vet_warm
 
@@ -269,6 +270,7 @@ class DjangoConnections(Hook):
 
         self._known = weakref.WeakSet()
         self._foreign = []
+        self._trouble = self.guard.hook(DatabaseTrouble)  # looked up once, not per task
         if forked:
             self._drop_inherited(connections)
             self._set_application_name(connections)
@@ -372,6 +374,9 @@ class DjangoConnections(Hook):
         wrapper.close_at = fresh_close_at
         return False
 
+    def watches_result_store(self, backend_class: type) -> bool:
+        return backend_class.__module__.startswith("django_celery_results")
+
     def before_result_stored(self, run: TaskRun, backend: Any) -> None:
         """django-celery-results writes the result through the task's own connection:
         a transaction the task left open would take the result with it when rolled back
@@ -423,10 +428,11 @@ class DjangoConnections(Hook):
             if alias.pooled:
                 self._return_to_pool(wrapper, run.name)
                 continue
-            reason = self._end_of_task_problem(wrapper)
+            now = time.monotonic()
+            reason = self._end_of_task_problem(wrapper, now)
             if reason is None:
-                self._idle_since[wrapper] = time.monotonic()
-                self.green.hand_back(wrapper, self._idle_since[wrapper])  # gevent/eventlet
+                self._idle_since[wrapper] = now
+                self.green.hand_back(wrapper, now)  # gevent/eventlet
             else:
                 self._discard(wrapper, reason, run.name)
         self._close_unmanaged()
@@ -435,7 +441,7 @@ class DjangoConnections(Hook):
         if self.fixup is not None:
             self.fixup.close_caches()
 
-    def _end_of_task_problem(self, wrapper: Any) -> str | None:
+    def _end_of_task_problem(self, wrapper: Any, now: float) -> str | None:
         """Why this connection can't be kept for the next task; None if it can.
 
         No round trip: driver state, transaction status, socket readability, then
@@ -450,12 +456,12 @@ class DjangoConnections(Hook):
             return AUTOCOMMIT_CHANGED
         if wrapper.errors_occurred:
             return ERRORS_OCCURRED
-        if wrapper.close_at is not None and time.monotonic() >= wrapper.close_at:
+        if wrapper.close_at is not None and now >= wrapper.close_at:
             return MAX_AGE
         green = self.worker is not None and self.worker.pool.green
         if green and wrapper.alias not in self.green.budgets:
             return GREENLET_SCOPE
-        trouble = self.guard.hook(DatabaseTrouble)
+        trouble = self._trouble
         if trouble is not None and trouble.slots_scarce():
             return SLOTS_SCARCE
         return None

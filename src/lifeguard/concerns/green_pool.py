@@ -61,7 +61,8 @@ class GreenBudget:
         self.wait_timeout = wait_timeout
         self.auto = auto  # default budget: may still shrink to the database's free slots
         self._idle: list[_Idle] = []  # the warmest last
-        self._out: dict[int, weakref.ReferenceType[Any]] = {}
+        # id(raw) -> (a weak reference to it, its driver adapter), for each one in use.
+        self._out: dict[int, tuple[weakref.ReferenceType[Any], pgdriver.DriverAdapter | None]] = {}
         self._opening = 0
         self._cond = threading.Condition()  # green under gevent/eventlet's monkey patching
         self.waits = 0
@@ -73,16 +74,31 @@ class GreenBudget:
     def _in_use(self) -> int:
         return len(self._out) + self._opening
 
+    def _check_out(self, raw: Any) -> None:
+        """Count ``raw`` as in use (with its driver adapter, looked up once)."""
+        self._out[id(raw)] = (weakref.ref(raw), pgdriver.adapter_for(raw))
+
     def _reap(self) -> bool:
         """Forget checked-out connections that were closed or dropped; True if any."""
-        freed = False
-        for key, ref in list(self._out.items()):
+        dead: list[int] | None = None
+        for key, (ref, adapter) in self._out.items():
             raw = ref()
-            adapter = pgdriver.adapter_for(raw) if raw is not None else None
             if raw is None or adapter is None or adapter.is_closed(raw):
-                del self._out[key]
-                freed = True
-        return freed
+                if dead is None:
+                    dead = []
+                dead.append(key)
+        if dead is None:
+            return False
+        for key in dead:
+            del self._out[key]
+        return True
+
+    def _has_room(self) -> bool:
+        """A place free in the budget? Closed ones are looked for only when it seems
+        full: every task end settles (reaps) already."""
+        if self._in_use() < self.budget:
+            return True
+        return self._reap() and self._in_use() < self.budget
 
     def take(
         self,
@@ -98,11 +114,10 @@ class GreenBudget:
         while True:
             entry: _Idle | None = None
             with self._cond:
-                self._reap()
                 if self._idle:
                     entry = self._idle.pop()
-                    self._out[id(entry.raw)] = weakref.ref(entry.raw)
-                elif self._in_use() < self.budget:
+                    self._check_out(entry.raw)
+                elif self._has_room():
                     self._opening += 1
                 else:
                     now = time.monotonic()
@@ -136,7 +151,7 @@ class GreenBudget:
             self._fit_free_slots(raw)
         with self._cond:
             self._opening -= 1
-            self._out[id(raw)] = weakref.ref(raw)
+            self._check_out(raw)
             self.opened += 1
         return raw
 
