@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import pytest
@@ -158,7 +159,11 @@ def test_threads_credit_a_delta_only_to_a_task_that_ran_alone():
     watchdog.after_task(a, done)
     watchdog.after_task(b, done)
     watchdog.before_task(c)  # alone
-    kept = b"\x01" * (4 * MIB)
+    # Pages of a fresh mapping, touched: malloc could hand back memory earlier tests
+    # freed, which would not grow the RSS.
+    kept = mmap.mmap(-1, 4 * MIB)
+    for offset in range(0, 4 * MIB, mmap.PAGESIZE):
+        kept[offset] = 1
     watchdog.after_task(c, done)
 
     assert watchdog.by_task["a"].measured == watchdog.by_task["b"].measured == 0
@@ -166,7 +171,7 @@ def test_threads_credit_a_delta_only_to_a_task_that_ran_alone():
     assert watchdog.by_task["c"].growth > 3 * MIB
     assert watchdog.unattributed == 2
     assert watchdog.stats()["unattributed_tasks"] == 2  # type: ignore[index]
-    del kept
+    kept.close()
     watchdog.on_process_stop(watchdog.guard.lifecycle.worker)  # type: ignore[arg-type]
 
 
