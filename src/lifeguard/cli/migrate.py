@@ -16,6 +16,7 @@ from ..concerns.once import prune
 from ..monitor.target import ENV_URL
 from ..postgres import once_sql as sql
 from ..postgres.conninfo import error_line, redact_url
+from ..postgres.failures import chain_sqlstate
 from ._exit import ContractCommand, cannot_run
 
 
@@ -80,7 +81,7 @@ def migrate(database_url: str | None, prune_older_than: str | None, print_sql: b
                 click.echo(f"{sql.TABLE}: {deleted} keys older than {prune_older_than} deleted")
         except psycopg.Error as exc:
             user = conn.info.user
-            if sql.sqlstate(exc) == sql.INSUFFICIENT_PRIVILEGE:
+            if chain_sqlstate(exc) == sql.INSUFFICIENT_PRIVILEGE:
                 cannot_run(
                     f"role {user!r} may not create or change {sql.TABLE}: "
                     f"{error_line(exc, url)}; as the schema's owner run "

@@ -39,7 +39,7 @@ from .. import stats as counters
 from ..hooks import Hook, WorkerInfo
 from ..postgres import failures
 from ..postgres.conninfo import describe_django_database, describe_sqlalchemy_url
-from ..postgres.slots import read_limits
+from ..postgres.slots import limits_on
 
 logger = logging.getLogger("lifeguard.database")
 
@@ -507,13 +507,7 @@ class DatabaseTrouble(Hook):
     def _server_limits(wrapper: Any) -> str:
         """max_connections and the role's limit, read on the driver's connection (not
         through Django's cursor: this is lifeguard's query, not the task's)."""
-        try:
-            limits = read_limits(wrapper.connection)
-            if not wrapper.get_autocommit():
-                wrapper.connection.rollback()
-        except Exception:
-            logger.debug("reading the server's limits failed", exc_info=True)
-            limits = None
+        limits = limits_on(wrapper.connection)
         if limits is None:
             return "max_connections and the role's limit could not be read"
         return limits.summary()

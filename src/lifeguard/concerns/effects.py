@@ -51,7 +51,6 @@ Key = str | Callable[..., str] | None
 
 ON_ORPHAN = ("rerun", "skip", "fail")
 ON_BUSY = ("wait", "raise", "retry")
-LOCK_NOT_AVAILABLE = "55P03"
 # uuid5 namespace of idempotency keys: the same key gives the same idempotency key in every
 # process, on every run, and after its row is pruned.
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5f0c6f1e-3a57-5d8e-9a65-6c1f0e1d2a7b")
@@ -255,17 +254,8 @@ class _Claim:
             raise task.retry(countdown=self.retry_after)
         if self.on_busy == "raise":
             raise EffectBusy(f"effect {self.key!r}: another run holds it (its owner is alive)")
-        if self.timeout is not None:
-            cur.execute("SELECT set_config('lock_timeout', %s, false)", [f"{self.timeout}s"])
-        try:
-            cur.execute(sql.LOCK, [lock])
-            cur.fetchone()
-        except Exception as exc:
-            if sql.sqlstate(exc) == LOCK_NOT_AVAILABLE:
-                raise EffectBusy(
-                    f"effect {self.key!r}: its owner still runs after {self.timeout}s"
-                ) from None
-            raise
+        if not sql.wait_for_lock(cur, sql.LOCK, lock, self.timeout):
+            raise EffectBusy(f"effect {self.key!r}: its owner still runs after {self.timeout}s")
         return True
 
     def _claim(self) -> Effect:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import LifeguardError
 from ..postgres import driver as pgdriver
-from ..postgres.slots import read_limits
+from ..postgres.slots import fair_share, limits_on
 
 logger = logging.getLogger("lifeguard.green")
 
@@ -157,24 +157,18 @@ class GreenBudget:
 
     def _fit_free_slots(self, raw: Any) -> None:
         """A default budget is at most half the slots still free for ordinary roles."""
-        try:
-            limits = read_limits(raw)
-            if not raw.autocommit:
-                raw.rollback()
-        except Exception:
-            logger.debug("reading the database's free slots failed", exc_info=True)
+        limits = limits_on(raw)
+        if limits is None or fair_share(limits.free_slots) >= self.budget:
             return
-        free = limits.free_slots if limits is not None else None
-        if free is not None and free // 2 < self.budget:
-            self.budget = max(1, free // 2)
-            logger.warning(
-                "lifeguard: DATABASES[%r] has %d free connection slots: this process's "
-                "green budget is %d connections (set the lifeguard option green_budget to "
-                "choose it)",
-                self.alias,
-                free,
-                self.budget,
-            )
+        self.budget = fair_share(limits.free_slots)
+        logger.warning(
+            "lifeguard: DATABASES[%r] has %d free connection slots: this process's "
+            "green budget is %d connections (set the lifeguard option green_budget to "
+            "choose it)",
+            self.alias,
+            limits.free_slots,
+            self.budget,
+        )
 
     def hand_back(self, wrapper: Any, since: float) -> None:
         """Detach the wrapper's checked connection, unclosed, into the set."""

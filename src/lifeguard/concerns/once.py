@@ -393,9 +393,6 @@ def _dedicated_connection(using: str, engine: Any, url: str | None) -> Any:
     return raw
 
 
-LOCK_NOT_AVAILABLE = "55P03"
-
-
 @contextlib.contextmanager
 def singleton(
     key: str,
@@ -429,16 +426,11 @@ def singleton(
         if not lock.acquired and on_busy == "wait":
             lock.waited = True
             count(stats.SINGLETON_WAITED, task_name)
-            if timeout is not None:
-                cur.execute("SELECT set_config('lock_timeout', %s, false)", [f"{timeout}s"])
-            try:
-                cur.execute(sql.labelled(sql.LOCK, key, task_name), [lock.lock_id])
-                cur.fetchone()
-            except Exception as exc:
-                if sql.sqlstate(exc) == LOCK_NOT_AVAILABLE:
-                    count(stats.SINGLETON_BUSY, task_name, "timeout")
-                    raise SingletonBusy(f"singleton {key!r} still held after {timeout}s") from None
-                raise
+            if not sql.wait_for_lock(
+                cur, sql.labelled(sql.LOCK, key, task_name), lock.lock_id, timeout
+            ):
+                count(stats.SINGLETON_BUSY, task_name, "timeout")
+                raise SingletonBusy(f"singleton {key!r} still held after {timeout}s")
             lock.acquired = True
         if not lock.acquired and on_busy == "skip":
             count(stats.SINGLETON_SKIPPED, task_name)

@@ -43,7 +43,7 @@ from ..postgres.appname import application_name
 from ..postgres.conninfo import describe_sqlalchemy_url, libpq_url
 from ..postgres.driver import Problem, TransactionStatus
 from ..postgres.pgbouncer import transaction_mode_connect_args
-from ..postgres.slots import read_limits
+from ..postgres.slots import fair_share, limits_on
 
 if TYPE_CHECKING:
     from .event_loop import EventLoop
@@ -367,17 +367,11 @@ class SqlAlchemyEngines(Hook):
             return
         concurrency = worker.concurrency or 0
         capacity = concurrency if overflow < 0 else min(size + overflow, concurrency or size)
-        try:
-            limits = read_limits(dbapi_connection)
-            if not getattr(dbapi_connection, "autocommit", False):
-                dbapi_connection.rollback()
-        except Exception:
-            logger.debug("reading the database's free slots failed", exc_info=True)
-            return
+        limits = limits_on(dbapi_connection)
         if limits is None:
             return
         room = limits.free_slots + 1  # this connection is one of the pool's
-        if capacity <= max(1, room // 2):
+        if capacity <= fair_share(room):
             return
         level = logging.WARNING if capacity > room else logging.INFO
         logger.log(
@@ -394,7 +388,7 @@ class SqlAlchemyEngines(Hook):
             overflow,
             room,
             limits.summary(),
-            max(1, room // 2),
+            fair_share(room),
         )
 
     def _abandon_pool(self, managed: ManagedEngine) -> None:

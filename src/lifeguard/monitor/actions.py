@@ -17,9 +17,10 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..postgres.failures import sqlstate
 from .attribution import WorkerTasks
 from .snapshot import Backend, Snapshot
-from .target import sqlstate, time_limited
+from .target import time_limited
 
 logger = logging.getLogger("lifeguard.monitor")
 

@@ -181,11 +181,6 @@ def resolve_target(
     )
 
 
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a psycopg 3 or psycopg2 error."""
-    return getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
-
-
 def one_line_error(exc: BaseException, target: DatabaseTarget) -> str:
     """A driver error as one line, with every secret of the target masked."""
     return error_line(exc, target.dsn, target.keywords)

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from ..errors import LifeguardError
+from .failures import chain_sqlstate
 
 TABLE = "lifeguard_once"
 DEFAULT_RETENTION_DAYS = 30
@@ -103,6 +104,7 @@ def lock_label(query: str | None) -> tuple[str, str | None] | None:
 
 
 INSUFFICIENT_PRIVILEGE = "42501"
+LOCK_NOT_AVAILABLE = "55P03"
 UNDEFINED_TABLE = "42P01"
 
 
@@ -136,19 +138,6 @@ def parse_retention(text: str) -> str:
     return f"{match.group(1)} {_UNITS[match.group(2)]}"
 
 
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a driver error, through Django's and SQLAlchemy's wrappers."""
-    seen: BaseException | None = exc
-    for _ in range(4):
-        if seen is None:
-            return None
-        code = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
-        if isinstance(code, str):
-            return code
-        seen = getattr(seen, "orig", None) or seen.__cause__
-    return None
-
-
 class OnceStorageError(LifeguardError):
     """The key table is missing, or the role may not use it: the guarantee cannot hold,
     so the task fails loudly instead of running unguarded."""
@@ -160,7 +149,7 @@ def _quoted(identifier: str) -> str:
 
 def storage_error(exc: BaseException, role: Any = None) -> OnceStorageError | None:
     """A clear error for a missing table or privilege; None for any other error."""
-    code = sqlstate(exc)
+    code = chain_sqlstate(exc)
     who = "<the workers' role>"
     if role:
         who = str(role) if re.fullmatch(r"[a-z_][a-z0-9_]*", str(role)) else _quoted(str(role))
@@ -250,9 +239,24 @@ def effect_lock_id(key: str) -> int:
 def effect_storage_error(exc: BaseException) -> OnceStorageError | None:
     """:func:`storage_error`, and the table of an older lifeguard, without the effect
     columns."""
-    if sqlstate(exc) == UNDEFINED_COLUMN:
+    if chain_sqlstate(exc) == UNDEFINED_COLUMN:
         return OnceStorageError(
             f"table {TABLE} has no effect columns (state, claimed_at...): run "
             "`lifeguard migrate --database-url URL` again (or `manage.py migrate lifeguard`)"
         )
     return storage_error(exc)
+
+
+def wait_for_lock(cur: Any, statement: str, lock: int, timeout: float | None) -> bool:
+    """Runs ``statement`` (a blocking ``LOCK``) on ``cur``: True once the lock is granted,
+    False when ``timeout`` seconds pass first (the server's ``lock_timeout``)."""
+    if timeout is not None:
+        cur.execute("SELECT set_config('lock_timeout', %s, false)", [f"{timeout}s"])
+    try:
+        cur.execute(statement, [lock])
+        cur.fetchone()
+    except Exception as exc:
+        if chain_sqlstate(exc) == LOCK_NOT_AVAILABLE:
+            return False
+        raise
+    return True

@@ -10,10 +10,13 @@ budget shrinks to the free slots (:attr:`Limits.free_slots`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from .failures import Failure, classify
+
+logger = logging.getLogger("lifeguard.slots")
 
 SLOTS_EXHAUSTED = "slots exhausted"
 
@@ -126,6 +129,26 @@ def read_limits(conn: Any) -> Limits | None:
         role_limit=int(limit),
         role_backends=int(role_backends),
     )
+
+
+def limits_on(conn: Any) -> Limits | None:
+    """:func:`read_limits` as lifeguard's own query on a worker's DB-API connection: the
+    transaction the query opened is ended (unless in autocommit), and a failure to read
+    is None, logged at debug: the figures only ever inform a log line or a budget."""
+    try:
+        limits = read_limits(conn)
+        if not getattr(conn, "autocommit", False):
+            conn.rollback()
+    except Exception:
+        logger.debug("reading the server's connection slots failed", exc_info=True)
+        return None
+    return limits
+
+
+def fair_share(free_slots: int) -> int:
+    """The connections one process may take of the slots still free: half of them (at
+    least one), so that the next process started finds some too."""
+    return max(1, free_slots // 2)
 
 
 def refusal(exc: BaseException) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any
 from ...monitor.thresholds import Thresholds
 from ...postgres.conninfo import parse_conninfo
 from ...postgres.pgbouncer import transaction_mode_connect_args
+from ...postgres.slots import fair_share
 from ..budget import Budget, connection_budget, green_budgets
 from ..context import DjangoAlias, DoctorContext, EngineInfo
 from ..findings import Finding, Level
@@ -462,7 +463,7 @@ def _green_budget_slots(
         f"{', '.join(f'DATABASES[{a!r}]' for a in here if a in budgets)}) = {total}"
     )
     if not explicit:
-        if total > free // 2:
+        if total > fair_share(free):  # what each worker's first connection does
             yield Finding(
                 Level.INFO,
                 title=f"the default green budget will shrink: {free} slots are free now for "
